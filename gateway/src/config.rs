@@ -1,0 +1,187 @@
+//! Command-line flags and environment variables, parsed once in `main`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+/// How clients prove who they are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AuthMode {
+    /// Clients name themselves with `login` (development).
+    None,
+    /// Clients present an HS256 JWT; `sub` is the user.
+    Jwt,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Parses durations such as `250ms`, `5s`, `2m`, `1h`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("invalid duration {text:?}: expected e.g. 250ms, 5s, 2m"))?;
+    let seconds = match unit {
+        "ms" => value / 1000.0,
+        "s" | "" => value,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        _ => return Err(format!("invalid duration unit {unit:?} in {text:?}: use ms, s, m or h")),
+    };
+    Ok(Duration::from_secs_f64(seconds))
+}
+
+/// Gateway configuration. Every flag also reads the environment variable named.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "chatcluster-gateway", version, about = "chatcluster WebSocket gateway")]
+pub struct Config {
+    /// Unix socket to listen on (mode 0660; a stale file is removed at start).
+    #[arg(long, env = "SOCKET_PATH")]
+    pub socket_path: Option<PathBuf>,
+    /// TCP address to listen on when no socket path is set.
+    #[arg(long, env = "LISTEN_ADDR", default_value = "0.0.0.0:8080")]
+    pub listen_addr: SocketAddr,
+    /// Extra TCP address serving only /health, /ready and /metrics (for probes and scraping).
+    #[arg(long, env = "ADMIN_ADDR")]
+    pub admin_addr: Option<SocketAddr>,
+    /// Redis URL.
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    pub redis_url: String,
+    /// PostgreSQL URL for history reads; without it `history` answers `unavailable`.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+    /// Name of this gateway process in logs and presence members (default: host name and pid).
+    #[arg(long, env = "INSTANCE_ID")]
+    pub instance_id: Option<String>,
+    /// Authentication mode.
+    #[arg(long, env = "AUTH_MODE", value_enum, default_value = "none")]
+    pub auth_mode: AuthMode,
+    /// HS256 secret for `AUTH_MODE=jwt`.
+    #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    /// Bearer key for `POST /api/channels/{channel}/messages`; unset disables it.
+    #[arg(long, env = "API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Number of persistence-stream shards (must match the worker).
+    #[arg(long, env = "STREAM_SHARDS", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub stream_shards: u32,
+    /// Messages kept per channel in the Redis history stream (recovery window).
+    #[arg(long, env = "HISTORY_SIZE", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub history_size: u64,
+    /// How long an idle channel's history and epoch live in Redis.
+    #[arg(long, env = "HISTORY_TTL", default_value = "24h", value_parser = parse_duration)]
+    pub history_ttl: Duration,
+    /// Largest message text in bytes.
+    #[arg(long, env = "MAX_TEXT_BYTES", default_value_t = chatcluster_protocol::validate::DEFAULT_MAX_TEXT_BYTES)]
+    pub max_text_bytes: usize,
+    /// Largest WebSocket frame in bytes; a larger one closes the connection (1009).
+    #[arg(long, env = "MAX_FRAME_BYTES", default_value_t = chatcluster_protocol::validate::DEFAULT_MAX_FRAME_BYTES)]
+    pub max_frame_bytes: usize,
+    /// Sustained publishes (and direct messages) per second per connection.
+    #[arg(long, env = "PUBLISH_RATE", default_value_t = 100.0)]
+    pub publish_rate: f64,
+    /// Publish burst allowed above the sustained rate.
+    #[arg(long, env = "PUBLISH_BURST", default_value_t = 200.0)]
+    pub publish_burst: f64,
+    /// Frames queued for one connection before it counts as a slow reader and is closed (1008).
+    #[arg(long, env = "OUTBOUND_QUEUE", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    pub outbound_queue: u32,
+    /// Open WebSocket connections this process accepts.
+    #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 20000)]
+    pub max_connections: usize,
+    /// Channels one connection may subscribe to.
+    #[arg(long, env = "MAX_SUBSCRIPTIONS", default_value_t = 256)]
+    pub max_subscriptions: usize,
+    /// Consecutive malformed frames tolerated before the connection is closed (1008).
+    #[arg(long, env = "MAX_BAD_FRAMES", default_value_t = 20)]
+    pub max_bad_frames: u32,
+    /// Interval of server pings.
+    #[arg(long, env = "PING_INTERVAL", default_value = "25s", value_parser = parse_duration)]
+    pub ping_interval: Duration,
+    /// A client silent this long is closed.
+    #[arg(long, env = "IDLE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
+    /// Lifetime of a presence entry; refreshed at a third of it.
+    #[arg(long, env = "PRESENCE_TTL", default_value = "30s", value_parser = parse_duration)]
+    pub presence_ttl: Duration,
+    /// After SIGTERM, how long open connections may stay before they are closed with 1001.
+    #[arg(long, env = "DRAIN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+    /// Log format (filter with RUST_LOG, default `info`).
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+    /// Timeout of one Redis or PostgreSQL request.
+    #[arg(long, env = "BACKEND_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
+    pub backend_timeout: Duration,
+}
+
+impl Config {
+    /// The instance id, defaulting to `<hostname>-<pid>`.
+    pub fn instance(&self) -> String {
+        self.instance_id.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_owned())
+                .unwrap_or_else(|_| "gateway".into());
+            format!("{host}-{}", std::process::id())
+        })
+    }
+
+    /// Checks combinations clap cannot express.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.auth_mode == AuthMode::Jwt && self.jwt_secret.as_deref().is_none_or(str::is_empty) {
+            return Err("--auth-mode jwt needs --jwt-secret (JWT_SECRET)".into());
+        }
+        if self.publish_rate <= 0.0 || self.publish_burst < 1.0 {
+            return Err("--publish-rate must be > 0 and --publish-burst >= 1".into());
+        }
+        if self.max_text_bytes + 512 > self.max_frame_bytes {
+            return Err("--max-frame-bytes must exceed --max-text-bytes by at least 512".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1.5h"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
+        assert!(parse_duration("5 parsecs").is_err());
+        assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn jwt_needs_a_secret() {
+        let config = Config::parse_from(["gw", "--auth-mode", "jwt"]);
+        assert!(config.validate().unwrap_err().contains("JWT_SECRET"));
+        let config = Config::parse_from(["gw", "--auth-mode", "jwt", "--jwt-secret", "s"]);
+        assert_eq!(config.validate(), Ok(()));
+    }
+
+    #[test]
+    fn defaults_are_sane() {
+        let config = Config::parse_from(["gw"]);
+        assert_eq!(config.stream_shards, 4);
+        assert_eq!(config.validate(), Ok(()));
+        assert!(Config::try_parse_from(["gw", "--stream-shards", "0"]).is_err());
+    }
+}

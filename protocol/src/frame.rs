@@ -1,0 +1,530 @@
+//! Frames of wire protocol v1: what clients send, what the server replies and pushes.
+//!
+//! Requests are decoded through [`RawRequest`], a flat struct with every field
+//! optional, so that JSON and MessagePack share one decoder and a missing field
+//! gets an error naming it (`publish needs "channel"`). Server frames are
+//! internally tagged by `type`; `data` is generic so clients can decode it into
+//! a `serde_json::Value` first and into the reply struct of their request next.
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::entry::Timestamp;
+
+/// The identifier a client puts on a request; echoed in the reply.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum RequestId {
+    /// An integer id.
+    Int(i64),
+    /// A string id.
+    Str(String),
+}
+
+/// The position a client last saw in a channel, for recovery.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Since {
+    /// Offset of the last message the client saw.
+    pub offset: u64,
+    /// Epoch of the channel's history when the client saw it.
+    pub epoch: String,
+}
+
+/// A request exactly as it came off the wire: every field optional.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RawRequest {
+    /// The operation name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub op: Option<String>,
+    /// Client-chosen id echoed in the reply.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<RequestId>,
+    /// The client's Lamport clock.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clock: Option<u64>,
+    /// `login`: the user name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// Channel-scoped operations: the channel name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channel: Option<String>,
+    /// `message`: the recipient.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
+    /// `publish` and `message`: the text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
+    /// `subscribe`: where to recover from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<Since>,
+    /// `history`: return messages before this offset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub before: Option<u64>,
+    /// `history`: page size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
+}
+
+/// Just the id of a request, salvaged from a frame that failed to decode.
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct IdOnly {
+    #[serde(default)]
+    pub id: Option<RequestId>,
+}
+
+/// One client operation with its arguments.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    /// Name the connection's user (`AUTH_MODE=none`).
+    Login {
+        /// The user name.
+        user: String,
+    },
+    /// List known users.
+    Users,
+    /// Create a channel (idempotent).
+    Channel {
+        /// The channel name.
+        channel: String,
+    },
+    /// List channels.
+    Channels,
+    /// Subscribe, optionally recovering after a known position.
+    Subscribe {
+        /// The channel name.
+        channel: String,
+        /// Last position seen, for recovery.
+        since: Option<Since>,
+    },
+    /// Stop receiving a channel.
+    Unsubscribe {
+        /// The channel name.
+        channel: String,
+    },
+    /// Publish a message to a channel.
+    Publish {
+        /// The channel name.
+        channel: String,
+        /// The message text.
+        text: String,
+    },
+    /// Send a direct message.
+    Message {
+        /// The recipient.
+        to: String,
+        /// The message text.
+        text: String,
+    },
+    /// List who is present in a channel.
+    Presence {
+        /// The channel name.
+        channel: String,
+    },
+    /// Page through a channel's stored history.
+    History {
+        /// The channel name.
+        channel: String,
+        /// Only messages with a smaller offset.
+        before: Option<u64>,
+        /// Page size (1..=100).
+        limit: Option<u32>,
+    },
+    /// Liveness round trip.
+    Ping,
+}
+
+impl Op {
+    /// The wire name of the operation.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Login { .. } => "login",
+            Op::Users => "users",
+            Op::Channel { .. } => "channel",
+            Op::Channels => "channels",
+            Op::Subscribe { .. } => "subscribe",
+            Op::Unsubscribe { .. } => "unsubscribe",
+            Op::Publish { .. } => "publish",
+            Op::Message { .. } => "message",
+            Op::Presence { .. } => "presence",
+            Op::History { .. } => "history",
+            Op::Ping => "ping",
+        }
+    }
+}
+
+/// A decoded, well-formed request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    /// Client-chosen id echoed in the reply.
+    pub id: Option<RequestId>,
+    /// The client's Lamport clock.
+    pub clock: Option<u64>,
+    /// The operation.
+    pub op: Op,
+}
+
+/// A request that could not be understood; answered with an error frame.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct RequestError {
+    /// The request's id when it could be read.
+    pub id: Option<RequestId>,
+    /// The error code.
+    pub code: ErrorCode,
+    /// What was wrong.
+    pub message: String,
+}
+
+impl RequestError {
+    pub(crate) fn bad_request(id: Option<RequestId>, message: impl Into<String>) -> Self {
+        Self {
+            id,
+            code: ErrorCode::BadRequest,
+            message: message.into(),
+        }
+    }
+}
+
+fn required(op: &str, field: &str, value: Option<String>, id: &Option<RequestId>) -> Result<String, RequestError> {
+    value.ok_or_else(|| RequestError::bad_request(id.clone(), format!("{op} needs \"{field}\"")))
+}
+
+impl TryFrom<RawRequest> for Request {
+    type Error = RequestError;
+
+    fn try_from(raw: RawRequest) -> Result<Self, RequestError> {
+        let id = raw.id;
+        let Some(name) = raw.op else {
+            return Err(RequestError::bad_request(id, "missing \"op\""));
+        };
+        let need = |field: &str, value: Option<String>| required(&name, field, value, &id);
+        let op = match name.as_str() {
+            "login" => Op::Login { user: need("user", raw.user)? },
+            "users" => Op::Users,
+            "channel" => Op::Channel { channel: need("channel", raw.channel)? },
+            "channels" => Op::Channels,
+            "subscribe" => Op::Subscribe {
+                channel: need("channel", raw.channel)?,
+                since: raw.since,
+            },
+            "unsubscribe" => Op::Unsubscribe { channel: need("channel", raw.channel)? },
+            "publish" => Op::Publish {
+                channel: need("channel", raw.channel)?,
+                text: need("text", raw.text)?,
+            },
+            "message" => Op::Message {
+                to: need("to", raw.to)?,
+                text: need("text", raw.text)?,
+            },
+            "presence" => Op::Presence { channel: need("channel", raw.channel)? },
+            "history" => Op::History {
+                channel: need("channel", raw.channel)?,
+                before: raw.before,
+                limit: raw.limit,
+            },
+            "ping" => Op::Ping,
+            other => {
+                let shown: String = other.chars().take(32).collect();
+                return Err(RequestError::bad_request(id, format!("unknown op {shown:?}")));
+            }
+        };
+        Ok(Request { id, clock: raw.clock, op })
+    }
+}
+
+impl From<&Request> for RawRequest {
+    fn from(request: &Request) -> Self {
+        let mut raw = RawRequest {
+            op: Some(request.op.name().to_owned()),
+            id: request.id.clone(),
+            clock: request.clock,
+            ..RawRequest::default()
+        };
+        match &request.op {
+            Op::Login { user } => raw.user = Some(user.clone()),
+            Op::Users | Op::Channels | Op::Ping => {}
+            Op::Channel { channel } | Op::Unsubscribe { channel } | Op::Presence { channel } => {
+                raw.channel = Some(channel.clone())
+            }
+            Op::Subscribe { channel, since } => {
+                raw.channel = Some(channel.clone());
+                raw.since = since.clone();
+            }
+            Op::Publish { channel, text } => {
+                raw.channel = Some(channel.clone());
+                raw.text = Some(text.clone());
+            }
+            Op::Message { to, text } => {
+                raw.to = Some(to.clone());
+                raw.text = Some(text.clone());
+            }
+            Op::History { channel, before, limit } => {
+                raw.channel = Some(channel.clone());
+                raw.before = *before;
+                raw.limit = *limit;
+            }
+        }
+        raw
+    }
+}
+
+/// Error codes of error replies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// Malformed or invalid request.
+    BadRequest,
+    /// Not logged in, or bad credentials.
+    Unauthorized,
+    /// Logged in but not allowed (JWT `channels` claim).
+    Forbidden,
+    /// No such channel or user.
+    NotFound,
+    /// Publish rate limit exceeded.
+    RateLimited,
+    /// Text or frame over the limit.
+    TooLarge,
+    /// A backend (Redis, PostgreSQL) is unreachable; retry later.
+    Unavailable,
+    /// A bug on the server.
+    Internal,
+}
+
+impl ErrorCode {
+    /// The wire name, as used in metrics labels too.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::BadRequest => "bad_request",
+            Self::Unauthorized => "unauthorized",
+            Self::Forbidden => "forbidden",
+            Self::NotFound => "not_found",
+            Self::RateLimited => "rate_limited",
+            Self::TooLarge => "too_large",
+            Self::Unavailable => "unavailable",
+            Self::Internal => "internal",
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A channel message, pushed live and returned by `subscribe` (`missed`) and `history`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChannelMessage {
+    /// The channel.
+    pub channel: String,
+    /// Dense per-channel sequence number.
+    pub offset: u64,
+    /// Unique id of the message.
+    pub msg_id: Uuid,
+    /// Author.
+    pub user: String,
+    /// Text.
+    pub text: String,
+    /// When the gateway accepted it.
+    pub ts: Timestamp,
+    /// Lamport clock at publish.
+    pub clock: u64,
+}
+
+/// A direct message push.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirectMessage {
+    /// Unique id of the message.
+    pub msg_id: Uuid,
+    /// Sender.
+    pub from: String,
+    /// Recipient.
+    pub to: String,
+    /// Text.
+    pub text: String,
+    /// When the gateway accepted it.
+    pub ts: Timestamp,
+    /// Lamport clock at send.
+    pub clock: u64,
+}
+
+/// What happened to a member of a channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PresenceChange {
+    /// A user's first connection subscribed.
+    Join,
+    /// A user's last connection left (or expired).
+    Leave,
+}
+
+/// A presence push.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PresenceEvent {
+    /// The channel.
+    pub channel: String,
+    /// Join or leave.
+    pub event: PresenceChange,
+    /// The user.
+    pub user: String,
+    /// Lamport clock of the event.
+    pub clock: u64,
+}
+
+/// Every frame the server sends. `D` is the reply payload type: [`ReplyData`]
+/// when encoding, any self-describing value (e.g. `serde_json::Value`) when decoding.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerFrame<D = ReplyData> {
+    /// Successful reply.
+    Ok {
+        /// The request's id.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<RequestId>,
+        /// Lamport clock.
+        clock: u64,
+        /// Operation-specific payload.
+        data: D,
+    },
+    /// Error reply.
+    Error {
+        /// The request's id, when it could be read.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<RequestId>,
+        /// Lamport clock.
+        #[serde(default)]
+        clock: u64,
+        /// Machine-readable code.
+        code: ErrorCode,
+        /// Human-readable explanation.
+        message: String,
+    },
+    /// A channel message.
+    Message(ChannelMessage),
+    /// A direct message.
+    Direct(DirectMessage),
+    /// A presence change.
+    Presence(PresenceEvent),
+}
+
+/// `login` reply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoginReply {
+    /// The user now bound to the connection.
+    pub user: String,
+}
+
+/// `users` reply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsersReply {
+    /// Known users, sorted.
+    pub users: Vec<String>,
+}
+
+/// `channel` reply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChannelReply {
+    /// The channel.
+    pub channel: String,
+    /// Whether this request created it.
+    pub created: bool,
+}
+
+/// `channels` reply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChannelsReply {
+    /// Known channels, sorted.
+    pub channels: Vec<String>,
+}
+
+/// `subscribe` reply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SubscribeReply {
+    /// The channel.
+    pub channel: String,
+    /// Epoch of the channel's history.
+    pub epoch: String,
+    /// Newest offset of the channel (0 when empty).
+    pub offset: u64,
+    /// Users present, sorted.
+    pub presence: Vec<String>,
+    /// Whether `missed` holds exactly every message after `since`.
+    pub recovered: bool,
+    /// Messages after `since`, oldest first.
+    pub missed: Vec<ChannelMessage>,
+}
+
+/// Reply that names only a channel (`unsubscribe`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChannelOnly {
+    /// The channel.
+    pub channel: String,
+}
+
+/// `publish` reply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PublishReply {
+    /// The channel.
+    pub channel: String,
+    /// Offset given to the message.
+    pub offset: u64,
+    /// Id given to the message.
+    pub msg_id: Uuid,
+}
+
+/// `message` reply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirectReply {
+    /// Id given to the message.
+    pub msg_id: Uuid,
+}
+
+/// `presence` reply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PresenceReply {
+    /// The channel.
+    pub channel: String,
+    /// Users present, sorted.
+    pub users: Vec<String>,
+}
+
+/// `history` reply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryReply {
+    /// The channel.
+    pub channel: String,
+    /// Messages, newest last.
+    pub messages: Vec<ChannelMessage>,
+}
+
+/// `ping` reply: an empty object.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Empty {}
+
+/// The payload of an `ok` reply, one variant per operation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum ReplyData {
+    /// `login`.
+    Login(LoginReply),
+    /// `users`.
+    Users(UsersReply),
+    /// `channel`.
+    Channel(ChannelReply),
+    /// `channels`.
+    Channels(ChannelsReply),
+    /// `subscribe`.
+    Subscribe(SubscribeReply),
+    /// `unsubscribe`.
+    Unsubscribe(ChannelOnly),
+    /// `publish`.
+    Publish(PublishReply),
+    /// `message`.
+    Direct(DirectReply),
+    /// `presence`.
+    Presence(PresenceReply),
+    /// `history`.
+    History(HistoryReply),
+    /// `ping`.
+    Pong(Empty),
+}

@@ -1,0 +1,66 @@
+//! Real backing services for integration tests.
+//!
+//! Tests in this workspace never mock Redis, PostgreSQL or HAProxy: they start
+//! the real Debian binaries on free loopback ports or temp Unix sockets with
+//! the helpers here, and every handle stops its process and removes its files
+//! on drop. A missing binary fails with the package to install.
+
+pub mod haproxy;
+pub mod postgres;
+pub mod process;
+pub mod redis;
+
+pub use haproxy::Haproxy;
+pub use postgres::Postgres;
+pub use redis::RedisServer;
+
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free loopback port")
+}
+
+/// Polls `ready` every 20 ms until it holds or `timeout` passes; returns whether it held.
+pub fn wait_until(timeout: Duration, mut ready: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if ready() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Whether something accepts TCP connections on `127.0.0.1:port`.
+pub fn port_open(port: u16) -> bool {
+    TcpStream::connect(("127.0.0.1", port)).is_ok()
+}
+
+/// Finds an executable on `PATH` or in `extra_dirs`, or panics naming the
+/// Debian package that provides it.
+pub fn find_binary(name: &str, extra_dirs: &[&str], package: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(extra_dirs.iter().map(PathBuf::from))
+        .map(|dir| dir.join(name))
+        .find(|candidate| candidate.is_file())
+        .unwrap_or_else(|| panic!("`{name}` not found: apt-get install -y {package}"))
+}
+
+/// Whether this process runs as root (PostgreSQL refuses to).
+pub fn running_as_root() -> bool {
+    std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|out| out.stdout.starts_with(b"0\n"))
+        .unwrap_or(false)
+}

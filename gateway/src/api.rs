@@ -76,8 +76,14 @@ pub struct ChannelList {
 }
 
 /// `GET /api/channels`.
-pub async fn list_channels(State(gateway): State<Arc<Gateway>>) -> Result<Json<ChannelList>, ApiError> {
-    let channels = gateway.store.list(Registry::Channels).await.map_err(OpError::from)?;
+pub async fn list_channels(
+    State(gateway): State<Arc<Gateway>>,
+) -> Result<Json<ChannelList>, ApiError> {
+    let channels = gateway
+        .store
+        .list(Registry::Channels)
+        .await
+        .map_err(OpError::from)?;
     Ok(Json(ChannelList { channels }))
 }
 
@@ -101,7 +107,13 @@ pub async fn channel_messages(
     Path(channel): Path<String>,
     query: Result<Query<PageQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<MessagePage>, ApiError> {
-    let Query(query) = query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, e.body_text()))?;
+    let Query(query) = query.map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::BadRequest,
+            e.body_text(),
+        )
+    })?;
     validate::channel_name(&channel).map_err(OpError::from)?;
     let limit = validate::history_limit(query.limit).map_err(OpError::from)?;
     let messages = read_history(&gateway, &channel, query.before, limit).await?;
@@ -123,22 +135,33 @@ pub async fn post_message(
     body: Result<Json<PostMessage>, JsonRejection>,
 ) -> Result<(StatusCode, Json<PublishReply>), ApiError> {
     let Some(expected) = gateway.config.api_key.as_deref().filter(|k| !k.is_empty()) else {
-        return Err(ApiError::new(StatusCode::FORBIDDEN, ErrorCode::Forbidden, "server-side publishing is disabled (no API_KEY)"));
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            ErrorCode::Forbidden,
+            "server-side publishing is disabled (no API_KEY)",
+        ));
     };
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(auth::bearer);
     if !presented.is_some_and(|key| constant_time_eq(key.as_bytes(), expected.as_bytes())) {
-        return Err(ApiError::new(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, "send Authorization: Bearer <API_KEY>"));
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            ErrorCode::Unauthorized,
+            "send Authorization: Bearer <API_KEY>",
+        ));
     }
-    let Json(body) = body.map_err(|e| ApiError::new(e.status(), ErrorCode::BadRequest, e.body_text()))?;
+    let Json(body) =
+        body.map_err(|e| ApiError::new(e.status(), ErrorCode::BadRequest, e.body_text()))?;
     validate::channel_name(&channel).map_err(OpError::from)?;
     validate::user_name(&body.user).map_err(OpError::from)?;
     validate::text(&body.text, gateway.config.max_text_bytes).map_err(OpError::from)?;
     gateway.ensure_user(&body.user).await?;
     let clock = gateway.clock.tick(None);
-    let reply = gateway.publish(&channel, &body.user, body.text, clock).await?;
+    let reply = gateway
+        .publish(&channel, &body.user, body.text, clock)
+        .await?;
     Ok((StatusCode::CREATED, Json(reply)))
 }
 
@@ -149,7 +172,11 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 /// Any other path.
 pub async fn not_found() -> ApiError {
-    ApiError::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, "no such endpoint")
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        ErrorCode::NotFound,
+        "no such endpoint",
+    )
 }
 
 #[cfg(test)]

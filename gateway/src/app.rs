@@ -23,7 +23,10 @@ pub fn app(gateway: Arc<Gateway>) -> Router {
         .route("/", get(index))
         .route("/ws", get(connection::upgrade))
         .route("/api/channels", get(api::list_channels))
-        .route("/api/channels/{channel}/messages", get(api::channel_messages).post(api::post_message))
+        .route(
+            "/api/channels/{channel}/messages",
+            get(api::channel_messages).post(api::post_message),
+        )
         .merge(probes())
         .fallback(api::not_found)
         .layer(DefaultBodyLimit::max(body_limit))
@@ -64,7 +67,10 @@ async fn ready(State(gateway): State<Arc<Gateway>>) -> Response {
 
 async fn metrics(State(gateway): State<Arc<Gateway>>) -> Response {
     (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         gateway.metrics.render(),
     )
         .into_response()

@@ -24,7 +24,10 @@ pub struct Identity {
 impl Identity {
     /// An identity with access to every channel.
     pub fn unrestricted(user: String) -> Self {
-        Self { user, channels: None }
+        Self {
+            user,
+            channels: None,
+        }
     }
 
     /// Whether the identity may subscribe and publish to `channel`.
@@ -67,7 +70,9 @@ pub struct Authenticator {
 impl std::fmt::Debug for Authenticator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never print the key.
-        f.debug_struct("Authenticator").field("mode", &self.mode).finish_non_exhaustive()
+        f.debug_struct("Authenticator")
+            .field("mode", &self.mode)
+            .finish_non_exhaustive()
     }
 }
 
@@ -147,8 +152,12 @@ mod tests {
     use jsonwebtoken::{EncodingKey, Header};
 
     fn token(claims: serde_json::Value, secret: &str) -> String {
-        jsonwebtoken::encode(&Header::default(), &claims, &EncodingKey::from_secret(secret.as_bytes()))
-            .unwrap()
+        jsonwebtoken::encode(
+            &Header::default(),
+            &claims,
+            &EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .unwrap()
     }
 
     #[test]
@@ -169,7 +178,10 @@ mod tests {
     fn jwt_mode_checks_tokens() {
         let auth = Authenticator::new(AuthMode::Jwt, Some("s3cret"));
         let exp = chrono::Utc::now().timestamp() + 60;
-        let good = token(serde_json::json!({"sub": "alice", "exp": exp, "channels": ["room.*"]}), "s3cret");
+        let good = token(
+            serde_json::json!({"sub": "alice", "exp": exp, "channels": ["room.*"]}),
+            "s3cret",
+        );
         let identity = auth.authenticate(Some(&good)).unwrap().unwrap();
         assert_eq!(identity.user, "alice");
         assert!(identity.may_use("room.1"));
@@ -177,13 +189,30 @@ mod tests {
 
         assert_eq!(auth.authenticate(None), Err(AuthError::Missing));
         let forged = token(serde_json::json!({"sub": "alice", "exp": exp}), "other");
-        assert!(matches!(auth.authenticate(Some(&forged)), Err(AuthError::Invalid(_))));
-        let expired = token(serde_json::json!({"sub": "alice", "exp": exp - 3600}), "s3cret");
-        assert!(matches!(auth.authenticate(Some(&expired)), Err(AuthError::Invalid(_))));
+        assert!(matches!(
+            auth.authenticate(Some(&forged)),
+            Err(AuthError::Invalid(_))
+        ));
+        let expired = token(
+            serde_json::json!({"sub": "alice", "exp": exp - 3600}),
+            "s3cret",
+        );
+        assert!(matches!(
+            auth.authenticate(Some(&expired)),
+            Err(AuthError::Invalid(_))
+        ));
         let bad_sub = token(serde_json::json!({"sub": "a b", "exp": exp}), "s3cret");
-        assert!(matches!(auth.authenticate(Some(&bad_sub)), Err(AuthError::BadSubject(_))));
+        assert!(matches!(
+            auth.authenticate(Some(&bad_sub)),
+            Err(AuthError::BadSubject(_))
+        ));
         let unlimited = token(serde_json::json!({"sub": "bob"}), "s3cret");
-        assert!(auth.authenticate(Some(&unlimited)).unwrap().unwrap().may_use("x"));
+        assert!(
+            auth.authenticate(Some(&unlimited))
+                .unwrap()
+                .unwrap()
+                .may_use("x")
+        );
     }
 
     #[test]

@@ -39,14 +39,22 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "s" | "" => value,
         "m" => value * 60.0,
         "h" => value * 3600.0,
-        _ => return Err(format!("invalid duration unit {unit:?} in {text:?}: use ms, s, m or h")),
+        _ => {
+            return Err(format!(
+                "invalid duration unit {unit:?} in {text:?}: use ms, s, m or h"
+            ));
+        }
     };
     Ok(Duration::from_secs_f64(seconds))
 }
 
 /// Gateway configuration. Every flag also reads the environment variable named.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "chatcluster-gateway", version, about = "chatcluster WebSocket gateway")]
+#[command(
+    name = "chatcluster-gateway",
+    version,
+    about = "chatcluster WebSocket gateway"
+)]
 pub struct Config {
     /// Unix socket to listen on (mode 0660; a stale file is removed at start).
     #[arg(long, env = "SOCKET_PATH")]

@@ -48,19 +48,42 @@ pub async fn upgrade(
     ws: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
     let reject = |reason: &'static str, error: ApiError| {
-        gateway.metrics.rejected_total.get_or_create(&[("reason", reason)]).inc();
+        gateway
+            .metrics
+            .rejected_total
+            .get_or_create(&[("reason", reason)])
+            .inc();
         Err(error)
     };
     if gateway.draining.is_cancelled() {
-        return reject("draining", ApiError::new(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, "gateway is shutting down; reconnect"));
+        return reject(
+            "draining",
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                ErrorCode::Unavailable,
+                "gateway is shutting down; reconnect",
+            ),
+        );
     }
     let header_token = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(auth::bearer);
-    let identity = match gateway.auth.authenticate(header_token.or(query.token.as_deref())) {
+    let identity = match gateway
+        .auth
+        .authenticate(header_token.or(query.token.as_deref()))
+    {
         Ok(identity) => identity,
-        Err(error) => return reject("unauthorized", ApiError::new(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, error.to_string())),
+        Err(error) => {
+            return reject(
+                "unauthorized",
+                ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    ErrorCode::Unauthorized,
+                    error.to_string(),
+                ),
+            );
+        }
     };
     let encoding = match negotiate(&ws) {
         Ok(encoding) => encoding,
@@ -69,7 +92,11 @@ pub async fn upgrade(
     let Ok(permit) = gateway.connection_slots.clone().try_acquire_owned() else {
         return reject(
             "limit",
-            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, "connection limit reached; retry elsewhere"),
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                ErrorCode::Unavailable,
+                "connection limit reached; retry elsewhere",
+            ),
         );
     };
     let max_frame = gateway.config.max_frame_bytes;
@@ -81,7 +108,9 @@ pub async fn upgrade(
         .max_frame_size(max_frame)
         .read_buffer_size(READ_BUFFER)
         .write_buffer_size(WRITE_BUFFER)
-        .on_upgrade(move |socket| tracker.track_future(run(gateway, socket, identity, encoding, permit))))
+        .on_upgrade(move |socket| {
+            tracker.track_future(run(gateway, socket, identity, encoding, permit))
+        }))
 }
 
 /// Picks the encoding from the client's subprotocols (JSON when none is asked for).
@@ -106,34 +135,70 @@ fn negotiate(ws: &WebSocketUpgrade) -> Result<Encoding, ApiError> {
 }
 
 #[tracing::instrument(name = "conn", skip_all, fields(id))]
-async fn run(gateway: Arc<Gateway>, socket: WebSocket, identity: Option<Identity>, encoding: Encoding, _permit: OwnedSemaphorePermit) {
+async fn run(
+    gateway: Arc<Gateway>,
+    socket: WebSocket,
+    identity: Option<Identity>,
+    encoding: Encoding,
+    _permit: OwnedSemaphorePermit,
+) {
     let id = gateway.next_connection_id();
     tracing::Span::current().record("id", id);
     gateway.metrics.connections.inc();
-    gateway.metrics.connections_total.get_or_create(&[("encoding", encoding.as_str())]).inc();
-    let (outbox, inbox) = Outbox::channel(id, encoding, gateway.config.outbound_queue as usize, gateway.metrics.clone());
-    let (sink, stream) = socket.split();
+    gateway
+        .metrics
+        .connections_total
+        .get_or_create(&[("encoding", encoding.as_str())])
+        .inc();
+    let (outbox, inbox) = Outbox::channel(
+        id,
+        encoding,
+        gateway.config.outbound_queue as usize,
+        gateway.metrics.clone(),
+    );
+    let (sink, mut stream) = socket.split();
     let writer = tokio::spawn(write_loop(sink, inbox));
     match Session::start(gateway.clone(), outbox.clone(), identity).await {
         Ok(mut session) => {
-            read_loop(&gateway, stream, &outbox, &mut session).await;
+            read_loop(&gateway, &mut stream, &outbox, &mut session).await;
             session.close().await;
         }
         Err(error) => {
             tracing::warn!(%error, "session start failed");
-            outbox.push_frame(&ServerFrame::Error { id: None, clock: gateway.clock.tick(None), code: error.code, message: error.message });
+            outbox.push_frame(&ServerFrame::Error {
+                id: None,
+                clock: gateway.clock.tick(None),
+                code: error.code,
+                message: error.message,
+            });
         }
     }
     outbox.close(CloseReason::Normal);
+    // Closing handshake: read until the client's close frame (or a timeout), so
+    // unread client bytes do not turn our close into a reset that loses the close frame.
+    let _ = tokio::time::timeout(CLOSE_GRACE, async {
+        while let Some(Ok(message)) = stream.next().await {
+            if matches!(message, Message::Close(_)) {
+                break;
+            }
+        }
+    })
+    .await;
     let _ = writer.await;
     gateway.metrics.connections.dec();
     tracing::debug!("connection closed");
 }
 
-async fn read_loop(gateway: &Gateway, mut stream: SplitStream<WebSocket>, outbox: &Outbox, session: &mut Session) {
+async fn read_loop(
+    gateway: &Gateway,
+    stream: &mut SplitStream<WebSocket>,
+    outbox: &Outbox,
+    session: &mut Session,
+) {
     let config = &gateway.config;
     let encoding = outbox.encoding();
-    let mut ping = tokio::time::interval_at(Instant::now() + config.ping_interval, config.ping_interval);
+    let mut ping =
+        tokio::time::interval_at(Instant::now() + config.ping_interval, config.ping_interval);
     let mut last_seen = Instant::now();
     let mut bad_frames = 0u32;
     loop {
@@ -154,10 +219,16 @@ async fn read_loop(gateway: &Gateway, mut stream: SplitStream<WebSocket>, outbox
             frame = stream.next() => frame,
         };
         let bytes = match frame {
-            None | Some(Ok(Message::Close(_))) => return,
+            None => return,
+            Some(Ok(Message::Close(_))) => {
+                outbox.close(CloseReason::Normal);
+                return;
+            }
             Some(Err(error)) => {
                 // Oversize frames surface as read errors; tell the client why if we can.
-                if let Some(tungstenite::Error::Capacity(_)) = error.into_inner().downcast_ref::<tungstenite::Error>() {
+                if let Some(tungstenite::Error::Capacity(_)) =
+                    error.into_inner().downcast_ref::<tungstenite::Error>()
+                {
                     outbox.close(CloseReason::TooLarge);
                 }
                 return;
@@ -172,9 +243,22 @@ async fn read_loop(gateway: &Gateway, mut stream: SplitStream<WebSocket>, outbox
                         let message = format!(
                             "this connection speaks {}: send {} frames",
                             encoding.subprotocol(),
-                            if encoding.is_binary() { "binary" } else { "text" }
+                            if encoding.is_binary() {
+                                "binary"
+                            } else {
+                                "text"
+                            }
                         );
-                        if !refuse(gateway, outbox, RequestError { id: None, code: ErrorCode::BadRequest, message }, &mut bad_frames) {
+                        if !refuse(
+                            gateway,
+                            outbox,
+                            RequestError {
+                                id: None,
+                                code: ErrorCode::BadRequest,
+                                message,
+                            },
+                            &mut bad_frames,
+                        ) {
                             return;
                         }
                         continue;
@@ -203,7 +287,11 @@ async fn read_loop(gateway: &Gateway, mut stream: SplitStream<WebSocket>, outbox
 /// Answers a frame that could not be understood; closes the connection after
 /// too many in a row. Returns whether the connection stays open.
 fn refuse(gateway: &Gateway, outbox: &Outbox, error: RequestError, bad_frames: &mut u32) -> bool {
-    gateway.metrics.errors_total.get_or_create(&[("code", error.code.as_str())]).inc();
+    gateway
+        .metrics
+        .errors_total
+        .get_or_create(&[("code", error.code.as_str())])
+        .inc();
     outbox.push_frame(&ServerFrame::Error {
         id: error.id,
         clock: gateway.clock.tick(None),
@@ -237,8 +325,14 @@ async fn write_loop(mut sink: SplitSink<WebSocket, Message>, mut inbox: Inbox) {
         _ = written => {}
         () = kill.cancelled() => {}
     }
-    let (code, reason) = inbox.close_reason().unwrap_or(CloseReason::Normal).close_frame();
-    let close = Message::Close(Some(CloseFrame { code, reason: reason.into() }));
+    let (code, reason) = inbox
+        .close_reason()
+        .unwrap_or(CloseReason::Normal)
+        .close_frame();
+    let close = Message::Close(Some(CloseFrame {
+        code,
+        reason: reason.into(),
+    }));
     let _ = tokio::time::timeout(CLOSE_GRACE, async {
         sink.send(close).await?;
         sink.close().await

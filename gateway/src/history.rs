@@ -70,7 +70,9 @@ impl History {
         .fetch_all(self.pool()?)
         .await;
         let rows = match rows {
-            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some(UNDEFINED_TABLE) => Vec::new(),
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some(UNDEFINED_TABLE) => {
+                Vec::new()
+            }
             other => other?,
         };
         let mut messages = rows

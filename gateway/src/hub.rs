@@ -23,14 +23,16 @@ use crate::metrics::Metrics;
 use crate::outbox::{ConnId, Outbox, SharedFrame};
 use crate::store::Store;
 
+/// A connection's presence member name (`<user>/<instance>/<conn>`) and user.
+pub type PresenceMember = (Arc<str>, Arc<str>);
+
 /// Most messages fetched to fill one gap.
 const GAP_FILL_LIMIT: usize = 10_000;
 
 #[derive(Debug)]
 struct Member {
     outbox: Outbox,
-    /// Presence member name (`<user>/<instance>/<conn>`) and user.
-    presence: (Arc<str>, Arc<str>),
+    presence: PresenceMember,
     /// `Some` while the member's subscribe reply is being prepared.
     pending: Option<Vec<(u64, Arc<SharedFrame>)>>,
     pending_limit: usize,
@@ -40,7 +42,9 @@ impl Member {
     /// Queues a frame, or buffers it while the member is pending.
     fn enqueue(&mut self, offset: u64, frame: &Arc<SharedFrame>) {
         match &mut self.pending {
-            Some(buffer) if buffer.len() < self.pending_limit => buffer.push((offset, frame.clone())),
+            Some(buffer) if buffer.len() < self.pending_limit => {
+                buffer.push((offset, frame.clone()))
+            }
             Some(_) => {
                 self.outbox.close(crate::outbox::CloseReason::SlowReader);
             }
@@ -70,7 +74,9 @@ pub struct Hub {
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding the lock leaves plain maps behind, still usable.
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Hub {
@@ -88,7 +94,13 @@ impl Hub {
     /// Adds a connection to a channel as pending (buffering live messages, at
     /// most `pending_limit`) until [`Hub::activate`]. `presence` is the
     /// connection's presence member name and user.
-    pub fn add_member(&self, channel: &str, outbox: Outbox, presence: (Arc<str>, Arc<str>), pending_limit: usize) {
+    pub fn add_member(
+        &self,
+        channel: &str,
+        outbox: Outbox,
+        presence: PresenceMember,
+        pending_limit: usize,
+    ) {
         let mut channels = lock(&self.channels);
         let state = channels.entry(channel.to_owned()).or_default();
         state.members.insert(
@@ -138,7 +150,10 @@ impl Hub {
 
     /// Adds a connection as a receiver of a user's direct messages.
     pub fn add_user(&self, user: &str, outbox: Outbox) {
-        lock(&self.users).entry(user.to_owned()).or_default().insert(outbox.id(), outbox);
+        lock(&self.users)
+            .entry(user.to_owned())
+            .or_default()
+            .insert(outbox.id(), outbox);
     }
 
     /// Removes a connection of a user.
@@ -154,7 +169,7 @@ impl Hub {
 
     /// Every local channel with the presence member names and users of its
     /// members (for presence upkeep).
-    pub fn presence_members(&self) -> Vec<(String, Vec<(Arc<str>, Arc<str>)>)> {
+    pub fn presence_members(&self) -> Vec<(String, Vec<PresenceMember>)> {
         lock(&self.channels)
             .iter()
             .map(|(name, state)| {
@@ -174,7 +189,11 @@ impl Hub {
             }
         };
         match event {
-            TopicEvent::Message { offset, epoch, message } => {
+            TopicEvent::Message {
+                offset,
+                epoch,
+                message,
+            } => {
                 let channel = message.channel.clone();
                 if topic.strip_prefix(keys::CHANNEL_TOPIC_PREFIX) != Some(channel.as_str()) {
                     tracing::warn!(%topic, %channel, "message on a foreign topic dropped");
@@ -243,7 +262,11 @@ impl Hub {
     }
 
     async fn catch_up(&self, channel: &str, epoch: &str, from: u64, to: Option<u64>) {
-        match self.store.history_range(channel, from, to, GAP_FILL_LIMIT).await {
+        match self
+            .store
+            .history_range(channel, from, to, GAP_FILL_LIMIT)
+            .await
+        {
             Ok(missing) => {
                 self.metrics.gap_fills_total.inc_by(missing.len() as u64);
                 for message in missing {

@@ -69,24 +69,75 @@ impl Metrics {
             registry: Registry::default(),
         };
         let r = &mut registry;
-        r.register("connections", "Open WebSocket connections", metrics.connections.clone());
-        r.register("accepted_connections", "WebSocket connections accepted", metrics.connections_total.clone());
-        r.register("rejected_connections", "Upgrades refused, by reason", metrics.rejected_total.clone());
-        r.register("subscriptions", "Channel subscriptions of local connections", metrics.subscriptions.clone());
-        r.register("topics", "Redis pub/sub topics subscribed", metrics.topics.clone());
-        r.register("requests", "Client requests by op", metrics.requests_total.clone());
-        r.register("errors", "Error replies by code", metrics.errors_total.clone());
-        r.register("messages_in", "Messages accepted for publishing", metrics.messages_in_total.clone());
-        r.register("messages_out", "Frames queued to local connections", metrics.messages_out_total.clone());
-        r.register("publish_latency_seconds", "Publish request to Redis commit", metrics.publish_latency.clone());
+        r.register(
+            "connections",
+            "Open WebSocket connections",
+            metrics.connections.clone(),
+        );
+        r.register(
+            "accepted_connections",
+            "WebSocket connections accepted",
+            metrics.connections_total.clone(),
+        );
+        r.register(
+            "rejected_connections",
+            "Upgrades refused, by reason",
+            metrics.rejected_total.clone(),
+        );
+        r.register(
+            "subscriptions",
+            "Channel subscriptions of local connections",
+            metrics.subscriptions.clone(),
+        );
+        r.register(
+            "topics",
+            "Redis pub/sub topics subscribed",
+            metrics.topics.clone(),
+        );
+        r.register(
+            "requests",
+            "Client requests by op",
+            metrics.requests_total.clone(),
+        );
+        r.register(
+            "errors",
+            "Error replies by code",
+            metrics.errors_total.clone(),
+        );
+        r.register(
+            "messages_in",
+            "Messages accepted for publishing",
+            metrics.messages_in_total.clone(),
+        );
+        r.register(
+            "messages_out",
+            "Frames queued to local connections",
+            metrics.messages_out_total.clone(),
+        );
+        r.register(
+            "publish_latency_seconds",
+            "Publish request to Redis commit",
+            metrics.publish_latency.clone(),
+        );
         r.register(
             "slow_reader_disconnects",
             "Connections closed for not reading fast enough",
             metrics.slow_reader_disconnects_total.clone(),
         );
-        r.register("redis_errors", "Failed Redis requests and connections", metrics.redis_errors_total.clone());
-        r.register("gap_fills", "Messages fetched from history to fill live gaps", metrics.gap_fills_total.clone());
-        Self { registry, ..metrics }
+        r.register(
+            "redis_errors",
+            "Failed Redis requests and connections",
+            metrics.redis_errors_total.clone(),
+        );
+        r.register(
+            "gap_fills",
+            "Messages fetched from history to fill live gaps",
+            metrics.gap_fills_total.clone(),
+        );
+        Self {
+            registry,
+            ..metrics
+        }
     }
 
     /// The Prometheus text exposition.
@@ -106,12 +157,24 @@ mod tests {
     fn renders_registered_metrics() {
         let metrics = Metrics::new();
         metrics.connections.inc();
-        metrics.errors_total.get_or_create(&[("code", "bad_request")]).inc();
+        metrics
+            .errors_total
+            .get_or_create(&[("code", "bad_request")])
+            .inc();
         metrics.publish_latency.observe(0.002);
         let text = metrics.render();
         assert!(text.contains("chatcluster_gateway_connections 1"), "{text}");
-        assert!(text.contains("chatcluster_gateway_errors_total{code=\"bad_request\"} 1"), "{text}");
-        assert!(text.contains("chatcluster_gateway_publish_latency_seconds_count 1"), "{text}");
-        assert!(text.contains("chatcluster_gateway_slow_reader_disconnects_total 0"), "{text}");
+        assert!(
+            text.contains("chatcluster_gateway_errors_total{code=\"bad_request\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("chatcluster_gateway_publish_latency_seconds_count 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("chatcluster_gateway_slow_reader_disconnects_total 0"),
+            "{text}"
+        );
     }
 }

@@ -87,7 +87,8 @@ impl SharedFrame {
             Encoding::Json => &self.json,
             Encoding::MsgPack => &self.msgpack,
         };
-        cell.get_or_init(|| ws_message(encoding, &self.frame)).clone()
+        cell.get_or_init(|| ws_message(encoding, &self.frame))
+            .clone()
     }
 }
 
@@ -126,7 +127,12 @@ impl Inbox {
 
 impl Outbox {
     /// A connection's outbox and inbox with room for `capacity` frames.
-    pub fn channel(id: ConnId, encoding: Encoding, capacity: usize, metrics: Arc<Metrics>) -> (Self, Inbox) {
+    pub fn channel(
+        id: ConnId,
+        encoding: Encoding,
+        capacity: usize,
+        metrics: Arc<Metrics>,
+    ) -> (Self, Inbox) {
         let (tx, rx) = mpsc::channel(capacity);
         let control = Arc::new(Control {
             kill: CancellationToken::new(),
@@ -239,10 +245,19 @@ mod tests {
     #[test]
     fn shared_frames_encode_once_per_encoding() {
         let frame = SharedFrame::new(pong());
-        let (Message::Text(a), Message::Text(b)) = (frame.message(Encoding::Json), frame.message(Encoding::Json)) else {
+        let (Message::Text(a), Message::Text(b)) =
+            (frame.message(Encoding::Json), frame.message(Encoding::Json))
+        else {
             panic!("json frames are text");
         };
-        assert_eq!(a.as_str().as_ptr(), b.as_str().as_ptr(), "same bytes shared");
-        assert!(matches!(frame.message(Encoding::MsgPack), Message::Binary(_)));
+        assert_eq!(
+            a.as_str().as_ptr(),
+            b.as_str().as_ptr(),
+            "same bytes shared"
+        );
+        assert!(matches!(
+            frame.message(Encoding::MsgPack),
+            Message::Binary(_)
+        ));
     }
 }

@@ -31,16 +31,24 @@ async fn upkeep(gateway: &Arc<Gateway>) {
     let channels = gateway.hub.presence_members();
     let entries: Vec<(&str, Arc<str>, Arc<str>)> = channels
         .iter()
-        .flat_map(|(channel, members)| members.iter().map(|(m, u)| (channel.as_str(), m.clone(), u.clone())))
+        .flat_map(|(channel, members)| {
+            members
+                .iter()
+                .map(|(m, u)| (channel.as_str(), m.clone(), u.clone()))
+        })
         .collect();
     futures_util::stream::iter(entries)
-        .for_each_concurrent(CONCURRENCY, |(channel, member, user)| refresh(gateway, channel, member, user))
+        .for_each_concurrent(CONCURRENCY, |(channel, member, user)| {
+            refresh(gateway, channel, member, user)
+        })
         .await;
     for (channel, _) in &channels {
         match gateway.store.presence_sweep(channel).await {
             Ok(left) => {
                 for user in left {
-                    gateway.announce(channel, &user, PresenceChange::Leave).await;
+                    gateway
+                        .announce(channel, &user, PresenceChange::Leave)
+                        .await;
                 }
             }
             Err(error) => {

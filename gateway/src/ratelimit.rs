@@ -55,7 +55,10 @@ mod tests {
         let mut bucket = TokenBucket::new_at(10.0, 3.0, start);
         assert!((0..3).all(|_| bucket.try_take_at(start)));
         assert!(!bucket.try_take_at(start), "burst exhausted");
-        assert!(bucket.try_take_at(start + Duration::from_millis(100)), "refilled one");
+        assert!(
+            bucket.try_take_at(start + Duration::from_millis(100)),
+            "refilled one"
+        );
         assert!(!bucket.try_take_at(start + Duration::from_millis(100)));
         // A long pause refills only up to the burst.
         let later = start + Duration::from_secs(60);

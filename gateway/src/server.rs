@@ -89,7 +89,8 @@ fn bind_unix(path: &Path) -> Result<(UnixListener, SocketFile), ServeError> {
     }
     let listener = UnixListener::bind(path).map_err(listen_error(path.display()))?;
     let guard = SocketFile(path.to_owned());
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(listen_error(path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+        .map_err(listen_error(path.display()))?;
     Ok((listener, guard))
 }
 
@@ -111,7 +112,13 @@ fn build(config: Config, background: &CancellationToken) -> Result<Arc<Gateway>,
     )?;
     let history = History::new(config.database_url.as_deref(), config.backend_timeout)?;
     let hub = Arc::new(Hub::new(store.clone(), clock.clone(), metrics.clone()));
-    let topics = Topics::start(client, hub.clone(), metrics.clone(), config.backend_timeout, background.clone());
+    let topics = Topics::start(
+        client,
+        hub.clone(),
+        metrics.clone(),
+        config.backend_timeout,
+        background.clone(),
+    );
     let gateway = Arc::new(Gateway::new(Parts {
         config,
         store,
@@ -157,14 +164,20 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         tracing::info!(path = %path.display(), instance = %gateway.instance, "listening on unix socket");
         let stop = stop_accepting.clone();
         tokio::spawn(async move {
-            axum::serve(listener, public).with_graceful_shutdown(stop.cancelled_owned()).await
+            axum::serve(listener, public)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await
         })
     } else {
-        let listener = TcpListener::bind(config.listen_addr).await.map_err(listen_error(config.listen_addr))?;
+        let listener = TcpListener::bind(config.listen_addr)
+            .await
+            .map_err(listen_error(config.listen_addr))?;
         tracing::info!(addr = %config.listen_addr, instance = %gateway.instance, "listening on tcp");
         let stop = stop_accepting.clone();
         tokio::spawn(async move {
-            axum::serve(listener, public).with_graceful_shutdown(stop.cancelled_owned()).await
+            axum::serve(listener, public)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await
         })
     };
     let admin = match config.admin_addr {
@@ -174,7 +187,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             let stop = background.clone();
             let admin = app::admin_app(gateway.clone());
             Some(tokio::spawn(async move {
-                axum::serve(listener, admin).with_graceful_shutdown(stop.cancelled_owned()).await
+                axum::serve(listener, admin)
+                    .with_graceful_shutdown(stop.cancelled_owned())
+                    .await
             }))
         }
         None => None,
@@ -187,13 +202,21 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     drop(socket_file.take());
     let _ = tokio::time::timeout(CLOSE_TIMEOUT, server).await;
 
-    let drained = tokio::time::timeout(config.drain_timeout, wait_for_no_connections(&gateway)).await.is_ok();
+    let drained = tokio::time::timeout(config.drain_timeout, wait_for_no_connections(&gateway))
+        .await
+        .is_ok();
     if !drained {
-        tracing::info!(open = gateway.metrics.connections.get(), "drain period over: closing connections with 1001");
+        tracing::info!(
+            open = gateway.metrics.connections.get(),
+            "drain period over: closing connections with 1001"
+        );
     }
     gateway.closing.cancel();
     gateway.connections.close();
-    if tokio::time::timeout(CLOSE_TIMEOUT, gateway.connections.wait()).await.is_err() {
+    if tokio::time::timeout(CLOSE_TIMEOUT, gateway.connections.wait())
+        .await
+        .is_err()
+    {
         tracing::warn!("some connections did not close in time");
     }
     background.cancel();

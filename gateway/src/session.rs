@@ -6,13 +6,15 @@ use std::sync::Arc;
 
 use chatcluster_protocol::entry::StoredDirect;
 use chatcluster_protocol::frame::{
-    ChannelOnly, ChannelReply, ChannelsReply, DirectReply, Empty, ErrorCode, HistoryReply, LoginReply, Op,
-    PresenceChange, PresenceReply, ReplyData, Request, ServerFrame, Since, SubscribeReply, UsersReply,
+    ChannelOnly, ChannelReply, ChannelsReply, DirectReply, Empty, ErrorCode, HistoryReply,
+    LoginReply, Op, PresenceChange, PresenceReply, ReplyData, Request, ServerFrame, Since,
+    SubscribeReply, UsersReply,
 };
 use chatcluster_protocol::{keys, validate};
 
 use crate::auth::Identity;
 use crate::config::AuthMode;
+use crate::hub::PresenceMember;
 use crate::outbox::Outbox;
 use crate::ratelimit::TokenBucket;
 use crate::state::{Gateway, OpError};
@@ -42,19 +44,26 @@ pub struct Session {
     outbox: Outbox,
     identity: Option<Identity>,
     /// Presence member name and user, set at login.
-    presence: Option<(Arc<str>, Arc<str>)>,
+    presence: Option<PresenceMember>,
     subscriptions: HashSet<String>,
     bucket: TokenBucket,
 }
 
 fn not_logged_in() -> OpError {
-    OpError::new(ErrorCode::Unauthorized, "log in first: send {\"op\":\"login\",\"user\":\"<name>\"}")
+    OpError::new(
+        ErrorCode::Unauthorized,
+        "log in first: send {\"op\":\"login\",\"user\":\"<name>\"}",
+    )
 }
 
 impl Session {
     /// A session for a new connection; with a verified identity (JWT mode)
     /// the user is logged in at once.
-    pub async fn start(gateway: Arc<Gateway>, outbox: Outbox, identity: Option<Identity>) -> Result<Self, OpError> {
+    pub async fn start(
+        gateway: Arc<Gateway>,
+        outbox: Outbox,
+        identity: Option<Identity>,
+    ) -> Result<Self, OpError> {
         let bucket = TokenBucket::new(gateway.config.publish_rate, gateway.config.publish_burst);
         let mut session = Self {
             gateway,
@@ -74,11 +83,21 @@ impl Session {
     pub async fn handle(&mut self, request: Request) -> Outcome {
         let clock = self.gateway.clock.tick(request.clock);
         let op_name = request.op.name();
-        self.gateway.metrics.requests_total.get_or_create(&[("op", op_name)]).inc();
+        self.gateway
+            .metrics
+            .requests_total
+            .get_or_create(&[("op", op_name)])
+            .inc();
         let mut activation = None;
         let result = match request.op {
             Op::Login { user } => self.login(user).await,
-            Op::Users => self.gateway.store.list(Registry::Users).await.map(|users| ReplyData::Users(UsersReply { users })).map_err(OpError::from),
+            Op::Users => self
+                .gateway
+                .store
+                .list(Registry::Users)
+                .await
+                .map(|users| ReplyData::Users(UsersReply { users }))
+                .map_err(OpError::from),
             Op::Channel { channel } => self.create_channel(channel).await,
             Op::Channels => self
                 .gateway
@@ -87,15 +106,21 @@ impl Session {
                 .await
                 .map(|channels| ReplyData::Channels(ChannelsReply { channels }))
                 .map_err(OpError::from),
-            Op::Subscribe { channel, since } => self.subscribe(channel, since).await.map(|(reply, next)| {
-                activation = Some(next);
-                reply
-            }),
+            Op::Subscribe { channel, since } => {
+                self.subscribe(channel, since).await.map(|(reply, next)| {
+                    activation = Some(next);
+                    reply
+                })
+            }
             Op::Unsubscribe { channel } => self.unsubscribe(channel).await,
             Op::Publish { channel, text } => self.publish(channel, text, clock).await,
             Op::Message { to, text } => self.direct(to, text, clock).await,
             Op::Presence { channel } => self.presence(channel).await,
-            Op::History { channel, before, limit } => self.history(channel, before, limit).await,
+            Op::History {
+                channel,
+                before,
+                limit,
+            } => self.history(channel, before, limit).await,
             Op::Ping => Ok(ReplyData::Pong(Empty {})),
         };
         let reply = match result {
@@ -105,7 +130,11 @@ impl Session {
                 data,
             },
             Err(error) => {
-                self.gateway.metrics.errors_total.get_or_create(&[("code", error.code.as_str())]).inc();
+                self.gateway
+                    .metrics
+                    .errors_total
+                    .get_or_create(&[("code", error.code.as_str())])
+                    .inc();
                 ServerFrame::Error {
                     id: request.id,
                     clock,
@@ -119,7 +148,12 @@ impl Session {
 
     /// Switches a new subscriber from buffering to live delivery (its reply is queued).
     pub fn activate(&self, activation: Activation) {
-        self.gateway.hub.activate(&activation.channel, self.outbox.id(), &activation.epoch, activation.offset);
+        self.gateway.hub.activate(
+            &activation.channel,
+            self.outbox.id(),
+            &activation.epoch,
+            activation.offset,
+        );
     }
 
     fn user(&self) -> Result<&Identity, OpError> {
@@ -132,7 +166,10 @@ impl Session {
         if identity.may_use(channel) {
             Ok(())
         } else {
-            Err(OpError::new(ErrorCode::Forbidden, format!("your token does not allow channel {channel:?}")))
+            Err(OpError::new(
+                ErrorCode::Forbidden,
+                format!("your token does not allow channel {channel:?}"),
+            ))
         }
     }
 
@@ -142,7 +179,10 @@ impl Session {
         } else {
             Err(OpError::new(
                 ErrorCode::RateLimited,
-                format!("more than {} messages per second; slow down", self.gateway.config.publish_rate),
+                format!(
+                    "more than {} messages per second; slow down",
+                    self.gateway.config.publish_rate
+                ),
             ))
         }
     }
@@ -151,9 +191,17 @@ impl Session {
     async fn bind(&mut self, identity: Identity) -> Result<(), OpError> {
         let gateway = self.gateway.clone();
         gateway.ensure_user(&identity.user).await?;
-        gateway.topics.acquire(keys::user_topic(&identity.user)).await?;
+        gateway
+            .topics
+            .acquire(keys::user_topic(&identity.user))
+            .await?;
         gateway.hub.add_user(&identity.user, self.outbox.clone());
-        let member = format!("{}/{}/{}", identity.user, gateway.instance, self.outbox.id());
+        let member = format!(
+            "{}/{}/{}",
+            identity.user,
+            gateway.instance,
+            self.outbox.id()
+        );
         self.presence = Some((member.into(), identity.user.as_str().into()));
         self.identity = Some(identity);
         Ok(())
@@ -172,7 +220,10 @@ impl Session {
             Some(identity) => {
                 return Err(OpError::new(
                     ErrorCode::BadRequest,
-                    format!("already logged in as {:?}; open a new connection to change user", identity.user),
+                    format!(
+                        "already logged in as {:?}; open a new connection to change user",
+                        identity.user
+                    ),
                 ));
             }
             None => self.bind(Identity::unrestricted(user.clone())).await?,
@@ -182,19 +233,33 @@ impl Session {
 
     async fn create_channel(&mut self, channel: String) -> Result<ReplyData, OpError> {
         self.check_channel(&channel)?;
-        let created = self.gateway.store.register(Registry::Channels, &channel).await?;
+        let created = self
+            .gateway
+            .store
+            .register(Registry::Channels, &channel)
+            .await?;
         Ok(ReplyData::Channel(ChannelReply { channel, created }))
     }
 
-    async fn subscribe(&mut self, channel: String, since: Option<Since>) -> Result<(ReplyData, Activation), OpError> {
+    async fn subscribe(
+        &mut self,
+        channel: String,
+        since: Option<Since>,
+    ) -> Result<(ReplyData, Activation), OpError> {
         self.check_channel(&channel)?;
         if self.subscriptions.contains(&channel) {
-            return Err(OpError::new(ErrorCode::BadRequest, format!("already subscribed to {channel:?}")));
+            return Err(OpError::new(
+                ErrorCode::BadRequest,
+                format!("already subscribed to {channel:?}"),
+            ));
         }
         if self.subscriptions.len() >= self.gateway.config.max_subscriptions {
             return Err(OpError::new(
                 ErrorCode::BadRequest,
-                format!("at most {} subscriptions per connection", self.gateway.config.max_subscriptions),
+                format!(
+                    "at most {} subscriptions per connection",
+                    self.gateway.config.max_subscriptions
+                ),
             ));
         }
         let gateway = self.gateway.clone();
@@ -203,7 +268,9 @@ impl Session {
             return Err(not_logged_in());
         };
         let limit = gateway.config.outbound_queue as usize;
-        gateway.hub.add_member(&channel, self.outbox.clone(), presence.clone(), limit);
+        gateway
+            .hub
+            .add_member(&channel, self.outbox.clone(), presence.clone(), limit);
         let topic = keys::channel_topic(&channel);
         if let Err(error) = gateway.topics.acquire(topic.clone()).await {
             gateway.hub.remove_member(&channel, self.outbox.id());
@@ -227,7 +294,7 @@ impl Session {
         &self,
         channel: &str,
         since: Option<Since>,
-        (member, user): &(Arc<str>, Arc<str>),
+        (member, user): &PresenceMember,
     ) -> Result<(ReplyData, Activation), OpError> {
         let gateway = &self.gateway;
         let position = gateway.position(channel).await?;
@@ -235,17 +302,32 @@ impl Session {
             Some(since) if since.epoch == position.epoch && since.offset <= position.top => {
                 let missed = gateway
                     .store
-                    .history_range(channel, since.offset + 1, None, gateway.config.history_size as usize)
+                    .history_range(
+                        channel,
+                        since.offset + 1,
+                        None,
+                        gateway.config.history_size as usize,
+                    )
                     .await?;
-                let contiguous = match missed.first() {
-                    Some(first) => first.offset == since.offset + 1,
-                    None => since.offset == position.top,
+                // Recovered only when `missed` runs from right after `since` up
+                // to at least the channel's top: nothing trimmed at either end.
+                let complete = match (missed.first(), missed.last()) {
+                    (Some(first), Some(last)) => {
+                        first.offset == since.offset + 1 && last.offset >= position.top
+                    }
+                    _ => since.offset == position.top,
                 };
-                if contiguous { (true, missed) } else { (false, Vec::new()) }
+                if complete {
+                    (true, missed)
+                } else {
+                    (false, Vec::new())
+                }
             }
             _ => (false, Vec::new()),
         };
-        let offset = missed.last().map_or(position.top, |m| m.offset.max(position.top));
+        let offset = missed
+            .last()
+            .map_or(position.top, |m| m.offset.max(position.top));
         if gateway.store.presence_join(channel, member, user).await? {
             gateway.announce(channel, user, PresenceChange::Join).await;
         }
@@ -271,7 +353,10 @@ impl Session {
     async fn unsubscribe(&mut self, channel: String) -> Result<ReplyData, OpError> {
         validate::channel_name(&channel)?;
         if !self.subscriptions.remove(&channel) {
-            return Err(OpError::new(ErrorCode::NotFound, format!("not subscribed to {channel:?}")));
+            return Err(OpError::new(
+                ErrorCode::NotFound,
+                format!("not subscribed to {channel:?}"),
+            ));
         }
         self.leave(&channel).await;
         Ok(ReplyData::Unsubscribe(ChannelOnly { channel }))
@@ -292,7 +377,12 @@ impl Session {
         }
     }
 
-    async fn publish(&mut self, channel: String, text: String, clock: u64) -> Result<ReplyData, OpError> {
+    async fn publish(
+        &mut self,
+        channel: String,
+        text: String,
+        clock: u64,
+    ) -> Result<ReplyData, OpError> {
         self.check_channel(&channel)?;
         validate::text(&text, self.gateway.config.max_text_bytes)?;
         self.take_token()?;
@@ -319,7 +409,9 @@ impl Session {
         };
         self.gateway.store.send_direct(&direct).await?;
         self.gateway.metrics.messages_in_total.inc();
-        Ok(ReplyData::Direct(DirectReply { msg_id: direct.msg_id }))
+        Ok(ReplyData::Direct(DirectReply {
+            msg_id: direct.msg_id,
+        }))
     }
 
     async fn presence(&self, channel: String) -> Result<ReplyData, OpError> {
@@ -327,19 +419,30 @@ impl Session {
         if let Some(identity) = &self.identity
             && !identity.may_use(&channel)
         {
-            return Err(OpError::new(ErrorCode::Forbidden, format!("your token does not allow channel {channel:?}")));
+            return Err(OpError::new(
+                ErrorCode::Forbidden,
+                format!("your token does not allow channel {channel:?}"),
+            ));
         }
         let users = self.gateway.store.presence_users(&channel).await?;
         Ok(ReplyData::Presence(PresenceReply { channel, users }))
     }
 
-    async fn history(&self, channel: String, before: Option<u64>, limit: Option<u32>) -> Result<ReplyData, OpError> {
+    async fn history(
+        &self,
+        channel: String,
+        before: Option<u64>,
+        limit: Option<u32>,
+    ) -> Result<ReplyData, OpError> {
         validate::channel_name(&channel)?;
         let limit = validate::history_limit(limit)?;
         if let Some(identity) = &self.identity
             && !identity.may_use(&channel)
         {
-            return Err(OpError::new(ErrorCode::Forbidden, format!("your token does not allow channel {channel:?}")));
+            return Err(OpError::new(
+                ErrorCode::Forbidden,
+                format!("your token does not allow channel {channel:?}"),
+            ));
         }
         let messages = read_history(&self.gateway, &channel, before, limit).await?;
         Ok(ReplyData::History(HistoryReply { channel, messages }))
@@ -351,8 +454,13 @@ impl Session {
             self.leave(&channel).await;
         }
         if let Some(identity) = &self.identity {
-            self.gateway.hub.remove_user(&identity.user, self.outbox.id());
-            self.gateway.topics.release(keys::user_topic(&identity.user)).await;
+            self.gateway
+                .hub
+                .remove_user(&identity.user, self.outbox.id());
+            self.gateway
+                .topics
+                .release(keys::user_topic(&identity.user))
+                .await;
         }
     }
 }
@@ -365,7 +473,10 @@ pub async fn read_history(
     limit: u32,
 ) -> Result<Vec<chatcluster_protocol::frame::ChannelMessage>, OpError> {
     if !gateway.store.exists(Registry::Channels, channel).await? {
-        return Err(OpError::new(ErrorCode::NotFound, format!("no channel {channel:?}")));
+        return Err(OpError::new(
+            ErrorCode::NotFound,
+            format!("no channel {channel:?}"),
+        ));
     }
     Ok(gateway.history.page(channel, before, limit).await?)
 }

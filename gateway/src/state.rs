@@ -55,14 +55,20 @@ impl From<ValidationError> for OpError {
 impl From<StoreError> for OpError {
     fn from(error: StoreError) -> Self {
         tracing::warn!(%error, "redis request failed");
-        Self::new(ErrorCode::Unavailable, "message store unavailable, retry later")
+        Self::new(
+            ErrorCode::Unavailable,
+            "message store unavailable, retry later",
+        )
     }
 }
 
 impl From<TopicError> for OpError {
     fn from(error: TopicError) -> Self {
         tracing::warn!(%error, "pub/sub request failed");
-        Self::new(ErrorCode::Unavailable, "message store unavailable, retry later")
+        Self::new(
+            ErrorCode::Unavailable,
+            "message store unavailable, retry later",
+        )
     }
 }
 
@@ -72,7 +78,10 @@ impl From<HistoryError> for OpError {
             HistoryError::NotConfigured => Self::new(ErrorCode::Unavailable, error.to_string()),
             HistoryError::Database(e) => {
                 tracing::warn!(error = %e, "postgres request failed");
-                Self::new(ErrorCode::Unavailable, "history database unavailable, retry later")
+                Self::new(
+                    ErrorCode::Unavailable,
+                    "history database unavailable, retry later",
+                )
             }
         }
     }
@@ -154,7 +163,15 @@ pub struct Parts {
 impl Gateway {
     /// Assembles the shared state.
     pub fn new(parts: Parts) -> Self {
-        let Parts { config, store, history, hub, topics, metrics, clock } = parts;
+        let Parts {
+            config,
+            store,
+            history,
+            hub,
+            topics,
+            metrics,
+            clock,
+        } = parts;
         Self {
             instance: config.instance(),
             auth: Authenticator::new(config.auth_mode, config.jwt_secret.as_deref()),
@@ -188,7 +205,9 @@ impl Gateway {
 
     /// Ready: Redis reachable (commands and pub/sub) and not draining.
     pub fn is_ready(&self) -> bool {
-        self.redis_up.load(Ordering::Acquire) && self.topics.is_connected() && !self.draining.is_cancelled()
+        self.redis_up.load(Ordering::Acquire)
+            && self.topics.is_connected()
+            && !self.draining.is_cancelled()
     }
 
     /// Registers a channel name once (persisted the first time); returns whether it was new.
@@ -239,7 +258,13 @@ impl Gateway {
     }
 
     /// Publishes a channel message from `user`; `clock` is the Lamport time of the request.
-    pub async fn publish(&self, channel: &str, user: &str, text: String, clock: u64) -> Result<PublishReply, OpError> {
+    pub async fn publish(
+        &self,
+        channel: &str,
+        user: &str,
+        text: String,
+        clock: u64,
+    ) -> Result<PublishReply, OpError> {
         self.ensure_channel(channel).await?;
         let message = StoredMessage {
             channel: channel.to_owned(),
@@ -260,7 +285,9 @@ impl Gateway {
         let (offset, _epoch) = result.inspect_err(|_| {
             self.metrics.redis_errors_total.inc();
         })?;
-        self.metrics.publish_latency.observe(started.elapsed().as_secs_f64());
+        self.metrics
+            .publish_latency
+            .observe(started.elapsed().as_secs_f64());
         self.metrics.messages_in_total.inc();
         Ok(PublishReply {
             channel: message.channel,

@@ -101,7 +101,9 @@ pub struct Store {
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store").field("settings", &self.settings).finish_non_exhaustive()
+        f.debug_struct("Store")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
     }
 }
 
@@ -153,7 +155,8 @@ impl Store {
     /// `PING`.
     pub async fn ping(&self) -> Result<(), StoreError> {
         let mut conn = self.conn.clone();
-        self.timed(redis::cmd("PING").query_async::<()>(&mut conn)).await
+        self.timed(redis::cmd("PING").query_async::<()>(&mut conn))
+            .await
     }
 
     fn ttl_secs(&self) -> u64 {
@@ -175,7 +178,9 @@ impl Store {
             .arg(self.ttl_secs())
             .arg(keys::channel_topic(channel));
         match self.timed(invocation.invoke_async(&mut conn)).await {
-            Err(StoreError::Redis(e)) if e.code() == Some(scripts::NO_EPOCH) => Err(StoreError::NoEpoch),
+            Err(StoreError::Redis(e)) if e.code() == Some(scripts::NO_EPOCH) => {
+                Err(StoreError::NoEpoch)
+            }
             other => other,
         }
     }
@@ -200,9 +205,19 @@ impl Store {
     pub async fn position(&self, channel: &str) -> Result<Option<Position>, StoreError> {
         let mut conn = self.conn.clone();
         let key = keys::meta_key(channel, self.settings.shards);
-        let (epoch, top): (Option<String>, Option<u64>) =
-            self.timed(redis::cmd("HMGET").arg(key).arg("epoch").arg("top").query_async(&mut conn)).await?;
-        Ok(epoch.map(|epoch| Position { top: top.unwrap_or(0), epoch }))
+        let (epoch, top): (Option<String>, Option<u64>) = self
+            .timed(
+                redis::cmd("HMGET")
+                    .arg(key)
+                    .arg("epoch")
+                    .arg("top")
+                    .query_async(&mut conn),
+            )
+            .await?;
+        Ok(epoch.map(|epoch| Position {
+            top: top.unwrap_or(0),
+            epoch,
+        }))
     }
 
     /// Messages of the history stream with offsets in `from..=to` (`to = None`: to the end),
@@ -217,8 +232,9 @@ impl Store {
         let mut conn = self.conn.clone();
         let key = keys::history_key(channel, self.settings.shards);
         let end = to.map_or_else(|| "+".to_owned(), |to| format!("{to}-0"));
-        let reply: redis::streams::StreamRangeReply =
-            self.timed(conn.xrange_count(key, format!("{from}-0"), end, count)).await?;
+        let reply: redis::streams::StreamRangeReply = self
+            .timed(conn.xrange_count(key, format!("{from}-0"), end, count))
+            .await?;
         reply
             .ids
             .into_iter()
@@ -227,9 +243,15 @@ impl Store {
                     .ok_or_else(|| StoreError::Corrupt(format!("entry id {}", entry.id)))?;
                 let data = match entry.map.get(chatcluster_protocol::entry::field::DATA) {
                     Some(redis::Value::BulkString(bytes)) => bytes.as_slice(),
-                    _ => return Err(StoreError::Corrupt(format!("entry {} has no data", entry.id))),
+                    _ => {
+                        return Err(StoreError::Corrupt(format!(
+                            "entry {} has no data",
+                            entry.id
+                        )));
+                    }
                 };
-                let message = StoredMessage::decode(data).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                let message =
+                    StoredMessage::decode(data).map_err(|e| StoreError::Corrupt(e.to_string()))?;
                 Ok(message.into_channel_message(offset))
             })
             .collect()
@@ -250,7 +272,9 @@ impl Store {
             .arg(direct.encode())
             .arg(keys::user_topic(&direct.to))
             .arg(sender_topic);
-        self.timed(invocation.invoke_async::<i64>(&mut conn)).await.map(drop)
+        self.timed(invocation.invoke_async::<i64>(&mut conn))
+            .await
+            .map(drop)
     }
 
     /// Registers a user or channel name; `true` when it is new.
@@ -283,22 +307,41 @@ impl Store {
 
     fn presence_keys(&self, channel: &str) -> (String, String) {
         let shards = self.settings.shards;
-        (keys::presence_key(channel, shards), keys::presence_users_key(channel, shards))
+        (
+            keys::presence_key(channel, shards),
+            keys::presence_users_key(channel, shards),
+        )
     }
 
     /// Adds or refreshes a presence member; `true` when the user just joined.
-    pub async fn presence_join(&self, channel: &str, member: &str, user: &str) -> Result<bool, StoreError> {
+    pub async fn presence_join(
+        &self,
+        channel: &str,
+        member: &str,
+        user: &str,
+    ) -> Result<bool, StoreError> {
         let (zset, hash) = self.presence_keys(channel);
         let ttl = self.settings.presence_ttl.as_millis() as i64;
         let expiry = chrono::Utc::now().timestamp_millis() + ttl;
         let mut conn = self.conn.clone();
         let mut invocation = self.scripts.join.prepare_invoke();
-        invocation.key(zset).key(hash).arg(member).arg(user).arg(expiry).arg(ttl * 4);
+        invocation
+            .key(zset)
+            .key(hash)
+            .arg(member)
+            .arg(user)
+            .arg(expiry)
+            .arg(ttl * 4);
         self.timed(invocation.invoke_async(&mut conn)).await
     }
 
     /// Removes a presence member; `true` when the user just left.
-    pub async fn presence_leave(&self, channel: &str, member: &str, user: &str) -> Result<bool, StoreError> {
+    pub async fn presence_leave(
+        &self,
+        channel: &str,
+        member: &str,
+        user: &str,
+    ) -> Result<bool, StoreError> {
         let (zset, hash) = self.presence_keys(channel);
         let mut conn = self.conn.clone();
         let mut invocation = self.scripts.leave.prepare_invoke();
@@ -332,7 +375,9 @@ impl Store {
         let mut conn = self.conn.clone();
         let topic = keys::channel_topic(&event.channel);
         let payload = TopicEvent::Presence(event).encode();
-        self.timed(conn.publish::<_, _, i64>(topic, payload)).await.map(drop)
+        self.timed(conn.publish::<_, _, i64>(topic, payload))
+            .await
+            .map(drop)
     }
 }
 

@@ -166,13 +166,20 @@ impl Task {
         let (mut sink, stream) = pubsub.split();
         let topics: Vec<&String> = self.wanted.keys().collect();
         if !topics.is_empty() {
-            sink.subscribe(topics).await.map_err(|e| TopicError(e.to_string()))?;
+            sink.subscribe(topics)
+                .await
+                .map_err(|e| TopicError(e.to_string()))?;
         }
         self.metrics.topics.set(self.wanted.len() as i64);
         Ok((sink, stream))
     }
 
-    async fn serve(&mut self, mut sink: PubSubSink, mut stream: PubSubStream, shutdown: &CancellationToken) {
+    async fn serve(
+        &mut self,
+        mut sink: PubSubSink,
+        mut stream: PubSubStream,
+        shutdown: &CancellationToken,
+    ) {
         loop {
             tokio::select! {
                 biased;
@@ -202,13 +209,17 @@ impl Task {
         while let Some(command) = next {
             match command {
                 Command::Acquire(topic, reply) => {
-                    before.entry(topic.clone()).or_insert_with(|| self.wanted.contains_key(&topic));
+                    before
+                        .entry(topic.clone())
+                        .or_insert_with(|| self.wanted.contains_key(&topic));
                     *self.wanted.entry(topic.clone()).or_default() += 1;
                     acquired.push(topic);
                     replies.push(reply);
                 }
                 Command::Release(topic) => {
-                    before.entry(topic.clone()).or_insert_with(|| self.wanted.contains_key(&topic));
+                    before
+                        .entry(topic.clone())
+                        .or_insert_with(|| self.wanted.contains_key(&topic));
                     self.release(&topic);
                 }
             }
@@ -243,7 +254,12 @@ impl Task {
         }
         self.metrics.topics.set(self.wanted.len() as i64);
         for reply in replies {
-            let _ = reply.send(result.as_ref().map(|_| ()).map_err(|e| TopicError(e.0.clone())));
+            let _ = reply.send(
+                result
+                    .as_ref()
+                    .map(|_| ())
+                    .map_err(|e| TopicError(e.0.clone())),
+            );
         }
         result
     }

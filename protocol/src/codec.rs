@@ -99,7 +99,8 @@ pub fn decode<T: DeserializeOwned>(encoding: Encoding, bytes: &[u8]) -> Result<T
     match encoding {
         Encoding::Json => Ok(serde_json::from_slice(bytes)?),
         Encoding::MsgPack => {
-            let mut deserializer = rmp_serde::Deserializer::from_read_ref(bytes).with_human_readable();
+            let mut deserializer =
+                rmp_serde::Deserializer::from_read_ref(bytes).with_human_readable();
             Ok(T::deserialize(&mut deserializer)?)
         }
     }
@@ -111,7 +112,9 @@ pub fn decode_request(encoding: Encoding, bytes: &[u8]) -> Result<Request, Reque
     match decode::<RawRequest>(encoding, bytes) {
         Ok(raw) => Request::try_from(raw),
         Err(error) => {
-            let id = decode::<IdOnly>(encoding, bytes).ok().and_then(|only| only.id);
+            let id = decode::<IdOnly>(encoding, bytes)
+                .ok()
+                .and_then(|only| only.id);
             Err(RequestError::bad_request(id, error.to_string()))
         }
     }
@@ -125,23 +128,26 @@ pub fn encode_request(encoding: Encoding, request: &Request) -> Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::frame::*;
     use crate::entry::Timestamp;
+    use crate::frame::*;
     use proptest::prelude::*;
     use uuid::Uuid;
 
     #[test]
     fn subprotocols() {
         for encoding in Encoding::ALL {
-            assert_eq!(Encoding::from_subprotocol(encoding.subprotocol()), Some(encoding));
+            assert_eq!(
+                Encoding::from_subprotocol(encoding.subprotocol()),
+                Some(encoding)
+            );
         }
         assert_eq!(Encoding::from_subprotocol("chat.v2"), None);
     }
 
     #[test]
     fn bad_json_keeps_the_id_when_it_can() {
-        let err = decode_request(Encoding::Json, br#"{"op":"publish","id":7,"limit":"x"}"#)
-            .unwrap_err();
+        let err =
+            decode_request(Encoding::Json, br#"{"op":"publish","id":7,"limit":"x"}"#).unwrap_err();
         assert_eq!(err.id, Some(RequestId::Int(7)));
         assert_eq!(err.code, ErrorCode::BadRequest);
         assert!(err.message.contains("invalid JSON"), "{}", err.message);
@@ -149,8 +155,8 @@ mod tests {
         let err = decode_request(Encoding::Json, b"{not json").unwrap_err();
         assert_eq!(err.id, None);
 
-        let err = decode_request(Encoding::Json, br#"{"op":"publish","id":"a","text":"x"}"#)
-            .unwrap_err();
+        let err =
+            decode_request(Encoding::Json, br#"{"op":"publish","id":"a","text":"x"}"#).unwrap_err();
         assert_eq!(err.message, "publish needs \"channel\"");
         assert_eq!(err.id, Some(RequestId::Str("a".into())));
 
@@ -180,7 +186,8 @@ mod tests {
                 msg_id: Uuid::nil(),
             }),
         };
-        let json: serde_json::Value = serde_json::from_slice(&encode(Encoding::Json, &frame)).unwrap();
+        let json: serde_json::Value =
+            serde_json::from_slice(&encode(Encoding::Json, &frame)).unwrap();
         assert_eq!(
             json,
             serde_json::json!({"type":"ok","id":1,"clock":5,"data":{"channel":"geral","offset":42,"msg_id":"00000000-0000-0000-0000-000000000000"}})
@@ -194,7 +201,8 @@ mod tests {
             ts: Timestamp(0),
             clock: 19,
         });
-        let json: serde_json::Value = serde_json::from_slice(&encode(Encoding::Json, &push)).unwrap();
+        let json: serde_json::Value =
+            serde_json::from_slice(&encode(Encoding::Json, &push)).unwrap();
         assert_eq!(json["type"], "message");
         assert_eq!(json["ts"], "1970-01-01T00:00:00.000Z");
         let error: ServerFrame = ServerFrame::Error {
@@ -203,11 +211,19 @@ mod tests {
             code: ErrorCode::RateLimited,
             message: "slow down".into(),
         };
-        let json: serde_json::Value = serde_json::from_slice(&encode(Encoding::Json, &error)).unwrap();
-        assert_eq!(json, serde_json::json!({"type":"error","clock":1,"code":"rate_limited","message":"slow down"}));
+        let json: serde_json::Value =
+            serde_json::from_slice(&encode(Encoding::Json, &error)).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"type":"error","clock":1,"code":"rate_limited","message":"slow down"})
+        );
         // MessagePack carries the same map.
-        let back: serde_json::Value = decode(Encoding::MsgPack, &encode(Encoding::MsgPack, &push)).unwrap();
-        assert_eq!(back, serde_json::from_slice::<serde_json::Value>(&encode(Encoding::Json, &push)).unwrap());
+        let back: serde_json::Value =
+            decode(Encoding::MsgPack, &encode(Encoding::MsgPack, &push)).unwrap();
+        assert_eq!(
+            back,
+            serde_json::from_slice::<serde_json::Value>(&encode(Encoding::Json, &push)).unwrap()
+        );
     }
 
     fn name() -> impl Strategy<Value = String> {
@@ -228,33 +244,50 @@ mod tests {
             Just(Op::Users),
             name().prop_map(|channel| Op::Channel { channel }),
             Just(Op::Channels),
-            (name(), proptest::option::of((any::<u64>(), "[a-z0-9]{0,12}"))).prop_map(
-                |(channel, since)| Op::Subscribe {
+            (
+                name(),
+                proptest::option::of((any::<u64>(), "[a-z0-9]{0,12}"))
+            )
+                .prop_map(|(channel, since)| Op::Subscribe {
                     channel,
                     since: since.map(|(offset, epoch)| Since { offset, epoch }),
-                }
-            ),
+                }),
             name().prop_map(|channel| Op::Unsubscribe { channel }),
             (name(), ".{0,64}").prop_map(|(channel, text)| Op::Publish { channel, text }),
             (name(), ".{0,64}").prop_map(|(to, text)| Op::Message { to, text }),
             name().prop_map(|channel| Op::Presence { channel }),
-            (name(), any::<Option<u64>>(), any::<Option<u32>>())
-                .prop_map(|(channel, before, limit)| Op::History { channel, before, limit }),
+            (name(), any::<Option<u64>>(), any::<Option<u32>>()).prop_map(
+                |(channel, before, limit)| Op::History {
+                    channel,
+                    before,
+                    limit
+                }
+            ),
             Just(Op::Ping),
         ]
     }
 
     fn any_message() -> impl Strategy<Value = ChannelMessage> {
-        (name(), any::<u64>(), any::<u128>(), name(), ".{0,64}", 0i64..4_000_000_000_000, any::<u64>())
-            .prop_map(|(channel, offset, id, user, text, ts, clock)| ChannelMessage {
-                channel,
-                offset,
-                msg_id: Uuid::from_u128(id),
-                user,
-                text,
-                ts: Timestamp(ts),
-                clock,
-            })
+        (
+            name(),
+            any::<u64>(),
+            any::<u128>(),
+            name(),
+            ".{0,64}",
+            0i64..4_000_000_000_000,
+            any::<u64>(),
+        )
+            .prop_map(
+                |(channel, offset, id, user, text, ts, clock)| ChannelMessage {
+                    channel,
+                    offset,
+                    msg_id: Uuid::from_u128(id),
+                    user,
+                    text,
+                    ts: Timestamp(ts),
+                    clock,
+                },
+            )
     }
 
     proptest! {

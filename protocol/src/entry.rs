@@ -255,22 +255,33 @@ impl PersistEntry {
         let kind = kind.ok_or(EntryError::MissingField(field::KIND))?;
         match kind {
             b"msg" => Ok(Self::Message {
-                offset: number(field::OFFSET, offset.ok_or(EntryError::MissingField(field::OFFSET))?)?,
+                offset: number(
+                    field::OFFSET,
+                    offset.ok_or(EntryError::MissingField(field::OFFSET))?,
+                )?,
                 message: StoredMessage::decode(data.ok_or(EntryError::MissingField(field::DATA))?)?,
             }),
             b"dm" => Ok(Self::Direct(StoredDirect::decode(
                 data.ok_or(EntryError::MissingField(field::DATA))?,
             )?)),
             b"user" | b"chan" => {
-                let name = utf8(field::NAME, name.ok_or(EntryError::MissingField(field::NAME))?)?;
-                let ts = number(field::TIME, time.ok_or(EntryError::MissingField(field::TIME))?)?;
+                let name = utf8(
+                    field::NAME,
+                    name.ok_or(EntryError::MissingField(field::NAME))?,
+                )?;
+                let ts = number(
+                    field::TIME,
+                    time.ok_or(EntryError::MissingField(field::TIME))?,
+                )?;
                 Ok(if kind == b"user" {
                     Self::User { name, ts }
                 } else {
                     Self::Channel { name, ts }
                 })
             }
-            other => Err(EntryError::UnknownKind(String::from_utf8_lossy(other).into_owned())),
+            other => Err(EntryError::UnknownKind(
+                String::from_utf8_lossy(other).into_owned(),
+            )),
         }
     }
 
@@ -283,12 +294,20 @@ impl PersistEntry {
                 (field::DATA, message.encode()),
             ],
             Self::Direct(direct) => {
-                vec![(field::KIND, kind::DIRECT.into()), (field::DATA, direct.encode())]
+                vec![
+                    (field::KIND, kind::DIRECT.into()),
+                    (field::DATA, direct.encode()),
+                ]
             }
             Self::User { name, ts } | Self::Channel { name, ts } => vec![
                 (
                     field::KIND,
-                    if matches!(self, Self::User { .. }) { kind::USER } else { kind::CHANNEL }.into(),
+                    if matches!(self, Self::User { .. }) {
+                        kind::USER
+                    } else {
+                        kind::CHANNEL
+                    }
+                    .into(),
                 ),
                 (field::NAME, name.clone().into_bytes()),
                 (field::TIME, ts.to_string().into_bytes()),
@@ -322,7 +341,8 @@ impl TopicEvent {
         match tag {
             b'm' => {
                 let mut parts = rest.splitn(3, |&b| b == b':');
-                let (Some(offset), Some(epoch), Some(payload)) = (parts.next(), parts.next(), parts.next())
+                let (Some(offset), Some(epoch), Some(payload)) =
+                    (parts.next(), parts.next(), parts.next())
                 else {
                     return Err(EntryError::Topic("message without offset and epoch"));
                 };
@@ -334,7 +354,8 @@ impl TopicEvent {
             }
             b'd' => Ok(Self::Direct(StoredDirect::decode(rest)?)),
             b'p' => Ok(Self::Presence(
-                codec::decode(Encoding::MsgPack, rest).map_err(|e| EntryError::Payload(e.to_string()))?,
+                codec::decode(Encoding::MsgPack, rest)
+                    .map_err(|e| EntryError::Payload(e.to_string()))?,
             )),
             _ => Err(EntryError::Topic("unknown tag")),
         }
@@ -344,7 +365,11 @@ impl TopicEvent {
     /// this is their reference and the encoder of presence events).
     pub fn encode(&self) -> Vec<u8> {
         match self {
-            Self::Message { offset, epoch, message } => {
+            Self::Message {
+                offset,
+                epoch,
+                message,
+            } => {
                 let mut out = format!("m{offset}:{epoch}:").into_bytes();
                 out.extend(message.encode());
                 out
@@ -390,7 +415,10 @@ mod tests {
     #[test]
     fn persist_entries_round_trip() {
         let entries = [
-            PersistEntry::Message { offset: 42, message: message() },
+            PersistEntry::Message {
+                offset: 42,
+                message: message(),
+            },
             PersistEntry::Direct(StoredDirect {
                 msg_id: Uuid::from_u128(9),
                 from: "alice".into(),
@@ -399,8 +427,14 @@ mod tests {
                 ts: 5,
                 clock: 2,
             }),
-            PersistEntry::User { name: "bob".into(), ts: 3 },
-            PersistEntry::Channel { name: "geral".into(), ts: 4 },
+            PersistEntry::User {
+                name: "bob".into(),
+                ts: 3,
+            },
+            PersistEntry::Channel {
+                name: "geral".into(),
+                ts: 4,
+            },
         ];
         for entry in entries {
             let fields = entry.fields();
@@ -416,16 +450,32 @@ mod tests {
             PersistEntry::decode(pairs.iter().map(|(k, v)| (k.as_bytes(), *v)))
         };
         assert_eq!(decode(&[]), Err(EntryError::MissingField("k")));
-        assert!(matches!(decode(&[("k", b"zzz")]), Err(EntryError::UnknownKind(_))));
-        assert!(matches!(decode(&[("k", b"msg"), ("o", b"x"), ("d", b"")]), Err(EntryError::InvalidField { .. })));
-        assert!(matches!(decode(&[("k", b"msg"), ("o", b"1"), ("d", b"\xc1")]), Err(EntryError::Payload(_))));
-        assert_eq!(decode(&[("k", b"user"), ("t", b"1")]), Err(EntryError::MissingField("n")));
+        assert!(matches!(
+            decode(&[("k", b"zzz")]),
+            Err(EntryError::UnknownKind(_))
+        ));
+        assert!(matches!(
+            decode(&[("k", b"msg"), ("o", b"x"), ("d", b"")]),
+            Err(EntryError::InvalidField { .. })
+        ));
+        assert!(matches!(
+            decode(&[("k", b"msg"), ("o", b"1"), ("d", b"\xc1")]),
+            Err(EntryError::Payload(_))
+        ));
+        assert_eq!(
+            decode(&[("k", b"user"), ("t", b"1")]),
+            Err(EntryError::MissingField("n"))
+        );
     }
 
     #[test]
     fn topic_events_round_trip() {
         let events = [
-            TopicEvent::Message { offset: 3, epoch: "e1".into(), message: message() },
+            TopicEvent::Message {
+                offset: 3,
+                epoch: "e1".into(),
+                message: message(),
+            },
             TopicEvent::Presence(PresenceEvent {
                 channel: "geral".into(),
                 event: crate::frame::PresenceChange::Leave,

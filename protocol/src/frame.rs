@@ -185,7 +185,12 @@ impl RequestError {
     }
 }
 
-fn required(op: &str, field: &str, value: Option<String>, id: &Option<RequestId>) -> Result<String, RequestError> {
+fn required(
+    op: &str,
+    field: &str,
+    value: Option<String>,
+    id: &Option<RequestId>,
+) -> Result<String, RequestError> {
     value.ok_or_else(|| RequestError::bad_request(id.clone(), format!("{op} needs \"{field}\"")))
 }
 
@@ -199,15 +204,21 @@ impl TryFrom<RawRequest> for Request {
         };
         let need = |field: &str, value: Option<String>| required(&name, field, value, &id);
         let op = match name.as_str() {
-            "login" => Op::Login { user: need("user", raw.user)? },
+            "login" => Op::Login {
+                user: need("user", raw.user)?,
+            },
             "users" => Op::Users,
-            "channel" => Op::Channel { channel: need("channel", raw.channel)? },
+            "channel" => Op::Channel {
+                channel: need("channel", raw.channel)?,
+            },
             "channels" => Op::Channels,
             "subscribe" => Op::Subscribe {
                 channel: need("channel", raw.channel)?,
                 since: raw.since,
             },
-            "unsubscribe" => Op::Unsubscribe { channel: need("channel", raw.channel)? },
+            "unsubscribe" => Op::Unsubscribe {
+                channel: need("channel", raw.channel)?,
+            },
             "publish" => Op::Publish {
                 channel: need("channel", raw.channel)?,
                 text: need("text", raw.text)?,
@@ -216,7 +227,9 @@ impl TryFrom<RawRequest> for Request {
                 to: need("to", raw.to)?,
                 text: need("text", raw.text)?,
             },
-            "presence" => Op::Presence { channel: need("channel", raw.channel)? },
+            "presence" => Op::Presence {
+                channel: need("channel", raw.channel)?,
+            },
             "history" => Op::History {
                 channel: need("channel", raw.channel)?,
                 before: raw.before,
@@ -225,10 +238,17 @@ impl TryFrom<RawRequest> for Request {
             "ping" => Op::Ping,
             other => {
                 let shown: String = other.chars().take(32).collect();
-                return Err(RequestError::bad_request(id, format!("unknown op {shown:?}")));
+                return Err(RequestError::bad_request(
+                    id,
+                    format!("unknown op {shown:?}"),
+                ));
             }
         };
-        Ok(Request { id, clock: raw.clock, op })
+        Ok(Request {
+            id,
+            clock: raw.clock,
+            op,
+        })
     }
 }
 
@@ -258,7 +278,11 @@ impl From<&Request> for RawRequest {
                 raw.to = Some(to.clone());
                 raw.text = Some(text.clone());
             }
-            Op::History { channel, before, limit } => {
+            Op::History {
+                channel,
+                before,
+                limit,
+            } => {
                 raw.channel = Some(channel.clone());
                 raw.before = *before;
                 raw.limit = *limit;

@@ -35,7 +35,10 @@ pub fn presence_key(channel: &str, shards: u32) -> String {
 /// `cc:{sN}:presence-users:<channel>`: hash of user to connection count, so
 /// joins and leaves are announced once per user, not per connection.
 pub fn presence_users_key(channel: &str, shards: u32) -> String {
-    format!("cc:{{s{}}}:presence-users:{channel}", shard_of(channel, shards))
+    format!(
+        "cc:{{s{}}}:presence-users:{channel}",
+        shard_of(channel, shards)
+    )
 }
 
 /// `cc:{sN}:persist`: the persistence stream of shard `shard`.
@@ -91,7 +94,10 @@ mod tests {
         assert_eq!(dead_letter_key(1), "cc:{s1}:dead");
         assert_eq!(channel_topic("a.b"), "cc:ch:a.b");
         assert_eq!(user_topic("bob"), "cc:user:bob");
-        assert_eq!(persist_keys(3), ["cc:{s0}:persist", "cc:{s1}:persist", "cc:{s2}:persist"]);
+        assert_eq!(
+            persist_keys(3),
+            ["cc:{s0}:persist", "cc:{s1}:persist", "cc:{s2}:persist"]
+        );
         assert_eq!(shard_of("x", 0), 0, "zero shards is treated as one");
     }
 }

@@ -9,7 +9,8 @@
 /// Publish a channel message.
 ///
 /// `KEYS`: meta hash, history stream, persistence stream (one hash tag).
-/// `ARGV`: 1 payload ([`crate::entry::StoredMessage`]), 2 history max length,
+/// `ARGV`: 1 payload ([`crate::entry::StoredMessage`]), 2 history length (exact,
+/// so the recovery window is what the operator configured),
 /// 3 history TTL in seconds (0 = none), 4 channel topic. Returns `{offset, epoch}`.
 ///
 /// A channel without an epoch fails with [`NO_EPOCH`]: the caller runs
@@ -21,7 +22,7 @@ if not epoch then
   return redis.error_reply('NOEPOCH channel has no epoch')
 end
 local offset = redis.call('HINCRBY', KEYS[1], 'top', 1)
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], offset .. '-0', 'd', ARGV[1])
+redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[2], offset .. '-0', 'd', ARGV[1])
 local ttl = tonumber(ARGV[3])
 if ttl > 0 then
   redis.call('EXPIRE', KEYS[1], ttl)

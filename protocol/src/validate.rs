@@ -17,9 +17,7 @@ pub const MAX_HISTORY_LIMIT: u32 = 100;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ValidationError {
     /// Channel name outside `^[A-Za-z0-9_.:-]{1,64}$`.
-    #[error(
-        "invalid channel name {0:?}: use 1 to 64 characters from A-Z a-z 0-9 _ . : -"
-    )]
+    #[error("invalid channel name {0:?}: use 1 to 64 characters from A-Z a-z 0-9 _ . : -")]
     Channel(String),
     /// User name outside `^[A-Za-z0-9_.-]{1,32}$`.
     #[error("invalid user name {0:?}: use 1 to 32 characters from A-Z a-z 0-9 _ . -")]

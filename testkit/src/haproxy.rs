@@ -43,7 +43,10 @@ impl Haproxy {
         let cfg_path = dir.path().join("haproxy.cfg");
         std::fs::write(&cfg_path, config(port, stats_port, sockets)).expect("write haproxy.cfg");
         check_config(&binary, &cfg_path);
-        let process = Guarded::spawn("haproxy", Command::new(&binary).arg("-db").arg("-f").arg(&cfg_path));
+        let process = Guarded::spawn(
+            "haproxy",
+            Command::new(&binary).arg("-db").arg("-f").arg(&cfg_path),
+        );
         assert!(
             crate::wait_until(Duration::from_secs(10), || crate::port_open(port)),
             "haproxy did not listen on port {port}"

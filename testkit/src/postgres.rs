@@ -9,7 +9,11 @@ use std::time::Duration;
 
 use crate::process::{Guarded, signal_pid};
 
-const PG_DIRS: &[&str] = &["/usr/lib/postgresql/15/bin", "/usr/lib/postgresql/16/bin", "/usr/lib/postgresql/17/bin"];
+const PG_DIRS: &[&str] = &[
+    "/usr/lib/postgresql/15/bin",
+    "/usr/lib/postgresql/16/bin",
+    "/usr/lib/postgresql/17/bin",
+];
 
 /// A running `postgres`; stopped and its data removed on drop.
 #[derive(Debug)]
@@ -26,7 +30,10 @@ impl Postgres {
         let initdb = crate::find_binary("initdb", PG_DIRS, "postgresql");
         let initdb = std::fs::canonicalize(&initdb).unwrap_or(initdb);
         let bin_dir = initdb.parent().map(PathBuf::from).unwrap_or_default();
-        let dir = tempfile::Builder::new().prefix("cc-pg").tempdir().expect("temp dir");
+        let dir = tempfile::Builder::new()
+            .prefix("cc-pg")
+            .tempdir()
+            .expect("temp dir");
         if crate::running_as_root() {
             let status = Command::new("chown")
                 .args(["-R", "postgres:postgres"])
@@ -39,7 +46,15 @@ impl Postgres {
         let out = as_postgres(&initdb)
             .arg("-D")
             .arg(&data)
-            .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync", "--locale=C"])
+            .args([
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+                "--locale=C",
+            ])
             .output()
             .expect("run initdb");
         assert!(
@@ -74,10 +89,25 @@ impl Postgres {
         command
             .arg("-D")
             .arg(self.dir.path().join("data"))
-            .args(["-p", &self.port.to_string(), "-c", "listen_addresses=127.0.0.1"])
+            .args([
+                "-p",
+                &self.port.to_string(),
+                "-c",
+                "listen_addresses=127.0.0.1",
+            ])
             .arg("-c")
-            .arg(format!("unix_socket_directories={}", self.dir.path().display()))
-            .args(["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"])
+            .arg(format!(
+                "unix_socket_directories={}",
+                self.dir.path().display()
+            ))
+            .args([
+                "-c",
+                "fsync=off",
+                "-c",
+                "synchronous_commit=off",
+                "-c",
+                "full_page_writes=off",
+            ])
             .args(["-c", "max_connections=200"]);
         self.process = Some(Guarded::spawn("postgres", &mut command));
         let port = self.port;
@@ -105,7 +135,8 @@ impl Postgres {
     }
 
     fn postmaster_pid(&self) -> Option<u32> {
-        let text = std::fs::read_to_string(self.dir.path().join("data").join("postmaster.pid")).ok()?;
+        let text =
+            std::fs::read_to_string(self.dir.path().join("data").join("postmaster.pid")).ok()?;
         text.lines().next()?.trim().parse().ok()
     }
 }

@@ -14,7 +14,13 @@ impl Guarded {
     /// `TESTKIT_VERBOSE` is set.
     pub fn spawn(name: &str, command: &mut Command) -> Self {
         let verbose = std::env::var_os("TESTKIT_VERBOSE").is_some();
-        let output = || if verbose { Stdio::inherit() } else { Stdio::null() };
+        let output = || {
+            if verbose {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            }
+        };
         let child = command
             .stdin(Stdio::null())
             .stdout(output())

@@ -8,7 +8,10 @@ fn redis_starts_restarts_and_loses_data_on_kill() {
     assert!(redis.command(&["SET", "k", "v"]).starts_with("+OK"));
     assert!(redis.command(&["GET", "k"]).contains("v"));
     redis.restart();
-    assert!(redis.command(&["GET", "k"]).starts_with("$-1"), "no persistence: data is gone");
+    assert!(
+        redis.command(&["GET", "k"]).starts_with("$-1"),
+        "no persistence: data is gone"
+    );
 }
 
 #[test]
@@ -24,7 +27,10 @@ fn postgres_starts_stops_and_restarts() {
 #[test]
 fn haproxy_config_is_valid_and_serves_stats() {
     let dir = tempfile::tempdir().unwrap();
-    let sockets = [dir.path().join("gateway-0.sock"), dir.path().join("gateway-1.sock")];
+    let sockets = [
+        dir.path().join("gateway-0.sock"),
+        dir.path().join("gateway-1.sock"),
+    ];
     let haproxy = Haproxy::start(&sockets);
     assert!(chatcluster_testkit::port_open(haproxy.stats_port()));
     let cfg = chatcluster_testkit::haproxy::config(1, 2, &sockets);

@@ -2,7 +2,8 @@
 //! redis-server, optionally behind a real HAProxy on Unix sockets, and a
 //! WebSocket client speaking JSON or MessagePack.
 
-#![allow(dead_code, clippy::unwrap_used)]
+// Shared by several test crates; each uses a different part.
+#![allow(dead_code, unused_imports, clippy::unwrap_used)]
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
@@ -62,7 +63,10 @@ impl Gateway {
         command
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("RUST_LOG", std::env::var("GATEWAY_LOG").unwrap_or_else(|_| "warn".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("GATEWAY_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .env("REDIS_URL", redis_url)
             .env("ADMIN_ADDR", format!("127.0.0.1:{admin_port}"))
             .env("PRESENCE_TTL", "3s")
@@ -90,7 +94,9 @@ impl Gateway {
             socket: options.socket,
         };
         assert!(
-            wait_until(Duration::from_secs(15), || http_status_blocking(admin_port, "/ready") == Some(200)),
+            wait_until(Duration::from_secs(15), || http_status_blocking(
+                admin_port, "/ready"
+            ) == Some(200)),
             "gateway did not become ready"
         );
         gateway
@@ -148,16 +154,31 @@ pub fn http_status_blocking(port: u16, path: &str) -> Option<u16> {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
     let mut out = String::new();
     stream.read_to_string(&mut out).ok()?;
     out.split(' ').nth(1)?.parse().ok()
 }
 
 /// A minimal HTTP/1.1 request; returns status and body.
-pub async fn http(port: u16, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> (u16, String) {
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+pub async fn http(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String) {
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let mut request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
     for (key, value) in headers {
         request.push_str(&format!("{key}: {value}\r\n"));
     }
@@ -165,12 +186,25 @@ pub async fn http(port: u16, method: &str, path: &str, headers: &[(&str, &str)],
     request.push_str(body);
     stream.write_all(request.as_bytes()).await.unwrap();
     let mut out = Vec::new();
-    tokio::time::timeout(WAIT, stream.read_to_end(&mut out)).await.unwrap().unwrap();
+    tokio::time::timeout(WAIT, stream.read_to_end(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
     let text = String::from_utf8_lossy(&out).into_owned();
-    let status = text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
     // Unchunk simple chunked bodies.
-    let body = if text.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+    let body = if text
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
         let mut rest = body.as_str();
         let mut joined = String::new();
         while let Some((size, tail)) = rest.split_once("\r\n") {
@@ -179,7 +213,7 @@ pub async fn http(port: u16, method: &str, path: &str, headers: &[(&str, &str)],
                 break;
             }
             joined.push_str(&tail[..size]);
-            rest = &tail[size..].trim_start_matches("\r\n");
+            rest = tail[size..].trim_start_matches("\r\n");
         }
         joined
     } else {
@@ -188,7 +222,8 @@ pub async fn http(port: u16, method: &str, path: &str, headers: &[(&str, &str)],
     (status, body)
 }
 
-type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// A protocol client.
 pub struct Client {
@@ -200,11 +235,16 @@ pub struct Client {
 }
 
 /// Connects with a subprotocol and optional extra headers; `Err` carries the HTTP rejection.
-pub async fn try_connect(url: &str, encoding: Encoding, headers: &[(&str, &str)]) -> Result<Client, tungstenite::Error> {
+pub async fn try_connect(
+    url: &str,
+    encoding: Encoding,
+    headers: &[(&str, &str)],
+) -> Result<Client, tungstenite::Error> {
     let mut request = url.into_client_request()?;
-    request
-        .headers_mut()
-        .insert("Sec-WebSocket-Protocol", encoding.subprotocol().parse().unwrap());
+    request.headers_mut().insert(
+        "Sec-WebSocket-Protocol",
+        encoding.subprotocol().parse().unwrap(),
+    );
     for (key, value) in headers {
         request.headers_mut().insert(
             tungstenite::http::HeaderName::from_bytes(key.as_bytes()).unwrap(),
@@ -212,8 +252,15 @@ pub async fn try_connect(url: &str, encoding: Encoding, headers: &[(&str, &str)]
         );
     }
     let (ws, response) = tokio_tungstenite::connect_async(request).await?;
-    let selected = response.headers().get("sec-websocket-protocol").and_then(|v| v.to_str().ok());
-    assert_eq!(selected, Some(encoding.subprotocol()), "server must echo the subprotocol");
+    let selected = response
+        .headers()
+        .get("sec-websocket-protocol")
+        .and_then(|v| v.to_str().ok());
+    assert_eq!(
+        selected,
+        Some(encoding.subprotocol()),
+        "server must echo the subprotocol"
+    );
     Ok(Client {
         ws,
         encoding,
@@ -225,7 +272,9 @@ pub async fn try_connect(url: &str, encoding: Encoding, headers: &[(&str, &str)]
 
 /// Connects or panics.
 pub async fn connect(url: &str, encoding: Encoding) -> Client {
-    try_connect(url, encoding, &[]).await.expect("websocket connect")
+    try_connect(url, encoding, &[])
+        .await
+        .expect("websocket connect")
 }
 
 /// Connects and logs in as `user`.
@@ -258,14 +307,25 @@ impl Client {
     /// Reads the next server frame (any kind), decoded; `None` on close or timeout.
     pub async fn next_frame(&mut self, timeout: Duration) -> Option<Value> {
         loop {
-            let message = tokio::time::timeout(timeout, self.ws.next()).await.ok()??.ok()?;
+            let message = tokio::time::timeout(timeout, self.ws.next())
+                .await
+                .ok()??
+                .ok()?;
             let bytes = match message {
                 Message::Text(text) => {
-                    assert_eq!(self.encoding, Encoding::Json, "text frame on a msgpack connection");
+                    assert_eq!(
+                        self.encoding,
+                        Encoding::Json,
+                        "text frame on a msgpack connection"
+                    );
                     text.as_bytes().to_vec()
                 }
                 Message::Binary(bytes) => {
-                    assert_eq!(self.encoding, Encoding::MsgPack, "binary frame on a json connection");
+                    assert_eq!(
+                        self.encoding,
+                        Encoding::MsgPack,
+                        "binary frame on a json connection"
+                    );
                     bytes.to_vec()
                 }
                 Message::Close(_) => return None,
@@ -306,7 +366,10 @@ impl Client {
     pub async fn err(&mut self, request: Value) -> (String, String) {
         let reply = self.request(request.clone()).await;
         assert_eq!(reply["type"], "error", "{request} should fail: {reply}");
-        (reply["code"].as_str().unwrap().to_owned(), reply["message"].as_str().unwrap().to_owned())
+        (
+            reply["code"].as_str().unwrap().to_owned(),
+            reply["message"].as_str().unwrap().to_owned(),
+        )
     }
 
     /// The next push (message, direct or presence frame).
@@ -357,10 +420,16 @@ impl Client {
 
 /// Offsets of message frames.
 pub fn offsets(frames: &[Value]) -> Vec<u64> {
-    frames.iter().map(|f| f["offset"].as_u64().unwrap()).collect()
+    frames
+        .iter()
+        .map(|f| f["offset"].as_u64().unwrap())
+        .collect()
 }
 
 /// Texts of message frames.
 pub fn texts(frames: &[Value]) -> Vec<String> {
-    frames.iter().map(|f| f["text"].as_str().unwrap().to_owned()).collect()
+    frames
+        .iter()
+        .map(|f| f["text"].as_str().unwrap().to_owned())
+        .collect()
 }

@@ -107,6 +107,11 @@ pub struct Config {
     /// Frames queued for one connection before it counts as a slow reader and is closed (1008).
     #[arg(long, env = "OUTBOUND_QUEUE", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
     pub outbound_queue: u32,
+    /// Wait this long after a connection's first queued frame before writing, so
+    /// frames arriving meanwhile share one write (fewer syscalls at high fan-out;
+    /// adds at most this much latency). `0s` writes at once.
+    #[arg(long, env = "WRITE_DELAY", default_value = "0s", value_parser = parse_duration)]
+    pub write_delay: Duration,
     /// Open WebSocket connections this process accepts.
     #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 20000)]
     pub max_connections: usize,

@@ -27,7 +27,7 @@ use crate::state::Gateway;
 /// Frames written per flush at most.
 const WRITE_BATCH: usize = 256;
 /// Capacity of the WebSocket read buffer (grows for larger frames); small to keep idle connections cheap.
-const READ_BUFFER: usize = 4 * 1024;
+const READ_BUFFER: usize = 1024;
 /// Bytes buffered before a write reaches the socket (flushes write sooner).
 const WRITE_BUFFER: usize = 16 * 1024;
 /// How long a closing connection may take to send its close frame.
@@ -157,11 +157,11 @@ async fn run(
         gateway.metrics.clone(),
     );
     let (sink, mut stream) = socket.split();
-    let writer = tokio::spawn(write_loop(sink, inbox));
-    match Session::start(gateway.clone(), outbox.clone(), identity).await {
+    let writer = tokio::spawn(write_loop(sink, inbox, gateway.config.write_delay));
+    match Box::pin(Session::start(gateway.clone(), outbox.clone(), identity)).await {
         Ok(mut session) => {
             read_loop(&gateway, &mut stream, &outbox, &mut session).await;
-            session.close().await;
+            Box::pin(session.close()).await;
         }
         Err(error) => {
             tracing::warn!(%error, "session start failed");
@@ -269,7 +269,9 @@ async fn read_loop(
         match codec::decode_request(encoding, &bytes) {
             Ok(request) => {
                 bad_frames = 0;
-                let outcome = session.handle(request).await;
+                // Boxed: the deepest operation's state would otherwise live in
+                // every idle connection's task for its whole life.
+                let outcome = Box::pin(session.handle(request)).await;
                 outbox.push_frame(&outcome.reply);
                 if let Some(activation) = outcome.activation {
                     session.activate(activation);
@@ -306,14 +308,18 @@ fn refuse(gateway: &Gateway, outbox: &Outbox, error: RequestError, bad_frames: &
     true
 }
 
-async fn write_loop(mut sink: SplitSink<WebSocket, Message>, mut inbox: Inbox) {
+async fn write_loop(mut sink: SplitSink<WebSocket, Message>, mut inbox: Inbox, delay: Duration) {
     let kill = inbox.kill.clone();
     let written = async {
+        let encoding = inbox.encoding;
         while let Some(first) = inbox.rx.recv().await {
-            sink.feed(first).await?;
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            sink.feed(first.into_message(encoding)).await?;
             for _ in 1..WRITE_BATCH {
                 match inbox.rx.try_recv() {
-                    Ok(message) => sink.feed(message).await?,
+                    Ok(next) => sink.feed(next.into_message(encoding)).await?,
                     Err(_) => break,
                 }
             }

@@ -92,6 +92,27 @@ impl SharedFrame {
     }
 }
 
+/// An entry of a connection's queue: a pointer-sized handle, so an idle
+/// connection's queue block stays small. Shared frames are encoded by the
+/// first writer that needs their encoding.
+#[derive(Debug)]
+pub enum Outgoing {
+    /// A frame shared with other recipients.
+    Shared(Arc<SharedFrame>),
+    /// A frame for this connection only (replies, pings).
+    Own(Box<Message>),
+}
+
+impl Outgoing {
+    /// The WebSocket message to write in `encoding`.
+    pub fn into_message(self, encoding: Encoding) -> Message {
+        match self {
+            Self::Shared(frame) => frame.message(encoding),
+            Self::Own(message) => *message,
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Control {
     kill: CancellationToken,
@@ -103,7 +124,7 @@ struct Control {
 pub struct Outbox {
     id: ConnId,
     encoding: Encoding,
-    tx: mpsc::Sender<Message>,
+    tx: mpsc::Sender<Outgoing>,
     control: Arc<Control>,
     metrics: Arc<Metrics>,
 }
@@ -112,7 +133,9 @@ pub struct Outbox {
 #[derive(Debug)]
 pub struct Inbox {
     /// Frames to write.
-    pub rx: mpsc::Receiver<Message>,
+    pub rx: mpsc::Receiver<Outgoing>,
+    /// The connection's encoding.
+    pub encoding: Encoding,
     /// Cancelled when the connection must close.
     pub kill: CancellationToken,
     control: Arc<Control>,
@@ -140,6 +163,7 @@ impl Outbox {
         });
         let inbox = Inbox {
             rx,
+            encoding,
             kill: control.kill.clone(),
             control: control.clone(),
         };
@@ -165,10 +189,14 @@ impl Outbox {
         self.encoding
     }
 
-    /// Queues a message; a full queue closes the connection as a slow reader.
-    /// Returns whether the message was queued.
+    /// Queues a message for this connection only; a full queue closes the
+    /// connection as a slow reader. Returns whether the message was queued.
     pub fn push(&self, message: Message) -> bool {
-        match self.tx.try_send(message) {
+        self.enqueue(Outgoing::Own(Box::new(message)))
+    }
+
+    fn enqueue(&self, outgoing: Outgoing) -> bool {
+        match self.tx.try_send(outgoing) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
                 if self.close(CloseReason::SlowReader) {
@@ -180,9 +208,9 @@ impl Outbox {
         }
     }
 
-    /// Queues a shared frame in this connection's encoding.
-    pub fn push_shared(&self, frame: &SharedFrame) -> bool {
-        let queued = self.push(frame.message(self.encoding));
+    /// Queues a shared frame (encoded in this connection's encoding when written).
+    pub fn push_shared(&self, frame: &Arc<SharedFrame>) -> bool {
+        let queued = self.enqueue(Outgoing::Shared(frame.clone()));
         if queued {
             self.metrics.messages_out_total.inc();
         }

@@ -14,6 +14,7 @@ use chatcluster_protocol::{keys, validate};
 
 use crate::auth::Identity;
 use crate::config::AuthMode;
+use crate::history::HistoryError;
 use crate::hub::PresenceMember;
 use crate::outbox::Outbox;
 use crate::ratelimit::TokenBucket;
@@ -465,18 +466,21 @@ impl Session {
     }
 }
 
-/// A page of a channel's permanent history; `not_found` for a channel never created.
+/// A page of a channel's permanent history. `not_found` for a channel that
+/// neither Redis nor PostgreSQL knows (PostgreSQL still has the history of a
+/// channel a wiped Redis forgot).
 pub async fn read_history(
     gateway: &Gateway,
     channel: &str,
     before: Option<u64>,
     limit: u32,
 ) -> Result<Vec<chatcluster_protocol::frame::ChannelMessage>, OpError> {
-    if !gateway.store.exists(Registry::Channels, channel).await? {
-        return Err(OpError::new(
-            ErrorCode::NotFound,
-            format!("no channel {channel:?}"),
-        ));
+    let known = gateway.store.exists(Registry::Channels, channel).await?;
+    let not_found = || OpError::new(ErrorCode::NotFound, format!("no channel {channel:?}"));
+    match gateway.history.page(channel, before, limit).await {
+        Ok(messages) if known || !messages.is_empty() => Ok(messages),
+        Ok(_) | Err(HistoryError::NotConfigured) if !known => Err(not_found()),
+        Ok(messages) => Ok(messages),
+        Err(error) => Err(error.into()),
     }
-    Ok(gateway.history.page(channel, before, limit).await?)
 }

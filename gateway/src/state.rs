@@ -251,6 +251,8 @@ impl Gateway {
     }
 
     async fn start_epoch(&self, channel: &str) -> Result<Position, OpError> {
+        // A new epoch may mean Redis lost everything: register the name again.
+        self.store.register(Registry::Channels, channel).await?;
         let floor = self.history.max_offset(channel).await?;
         let position = self.store.init_channel(channel, floor).await?;
         tracing::info!(%channel, epoch = %position.epoch, floor, "channel epoch started");

@@ -1,0 +1,286 @@
+//! Worker autoscaling from the persistence-stream lag.
+//!
+//! The workers drain the Redis streams `cc:{s<N>}:persist` through the consumer group
+//! `persist`; `XINFO GROUPS` reports per shard how many entries the group has not read yet
+//! (`lag`, Redis 7; the stream length where there is no group yet, since the workers delete
+//! what they acknowledge). The operator runs `ceil(lag / targetLagPerReplica)` workers within
+//! `[minReplicas, maxReplicas]`. Scale-up is immediate; scale-down follows the largest
+//! recommendation of the stabilization window, as a HorizontalPodAutoscaler does, so a short
+//! dip in the lag does not stop workers that are about to be needed again.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use futures_util::future::BoxFuture;
+use redis::AsyncCommands;
+use redis::streams::StreamInfoGroupsReply;
+
+use crate::error::{Error, Result};
+
+/// Consumer group of the workers.
+pub const PERSIST_GROUP: &str = "persist";
+/// How long one lag read may take before it counts as failed.
+const READ_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Key of persistence shard `shard`.
+pub fn persist_stream(shard: i32) -> String {
+    format!("cc:{{s{shard}}}:persist")
+}
+
+/// Workers wanted for `lag` unread entries.
+pub fn replicas_for_lag(lag: i64, target_per_replica: i64, min: i32, max: i32) -> i32 {
+    let target = target_per_replica.max(1);
+    let wanted = if lag <= 0 {
+        0
+    } else {
+        lag.saturating_add(target - 1) / target
+    };
+    let wanted = i32::try_from(wanted).unwrap_or(i32::MAX);
+    wanted.clamp(min, max.max(min))
+}
+
+/// Recent recommendations of one cluster, for scale-down stabilization.
+#[derive(Debug)]
+pub struct Stabilizer {
+    started: Instant,
+    history: VecDeque<(Instant, i32)>,
+}
+
+impl Stabilizer {
+    /// A stabilizer that has seen nothing since `now`.
+    pub fn new(now: Instant) -> Self {
+        Self {
+            started: now,
+            history: VecDeque::new(),
+        }
+    }
+
+    /// Records `recommended` and returns the replicas to run, given the `current` count.
+    ///
+    /// Up: at once. Down: to the highest recommendation within `window`, and not before the
+    /// stabilizer has watched for a whole window (a restarted operator does not know the past).
+    pub fn stabilize(
+        &mut self,
+        now: Instant,
+        current: i32,
+        recommended: i32,
+        window: Duration,
+    ) -> i32 {
+        self.history.push_back((now, recommended));
+        while self
+            .history
+            .front()
+            .is_some_and(|(at, _)| now.duration_since(*at) > window)
+        {
+            self.history.pop_front();
+        }
+        if recommended >= current {
+            return recommended;
+        }
+        if now.duration_since(self.started) < window {
+            return current;
+        }
+        let highest = self
+            .history
+            .iter()
+            .map(|(_, r)| *r)
+            .max()
+            .unwrap_or(recommended);
+        highest.min(current)
+    }
+}
+
+/// Where the operator reads the lag from; Redis in production, a fixed value in tests.
+pub trait LagSource: Send + Sync {
+    /// Total lag of the `persist` group over `shards` shards of the Redis at `url`.
+    fn total_lag<'a>(&'a self, url: &'a str, shards: i32) -> BoxFuture<'a, Result<i64>>;
+}
+
+/// Reads the lag with `XINFO GROUPS` over a fresh connection per read.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RedisLag;
+
+impl LagSource for RedisLag {
+    fn total_lag<'a>(&'a self, url: &'a str, shards: i32) -> BoxFuture<'a, Result<i64>> {
+        Box::pin(async move {
+            match tokio::time::timeout(READ_TIMEOUT, read_lag(url, shards)).await {
+                Ok(result) => result.map_err(Error::Redis),
+                Err(_) => Err(Error::Redis(redis::RedisError::from((
+                    redis::ErrorKind::Io,
+                    "timed out reading the persistence lag",
+                )))),
+            }
+        })
+    }
+}
+
+async fn read_lag(url: &str, shards: i32) -> redis::RedisResult<i64> {
+    let client = redis::Client::open(url)?;
+    let mut connection = client.get_multiplexed_async_connection().await?;
+    let mut total = 0_i64;
+    for shard in 0..shards {
+        let key = persist_stream(shard);
+        let reply: redis::RedisResult<StreamInfoGroupsReply> = connection.xinfo_groups(&key).await;
+        let groups = match reply {
+            Ok(reply) => reply.groups,
+            // The stream appears with the first message; no stream means nothing to read.
+            Err(error)
+                if error.kind()
+                    == redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError) =>
+            {
+                continue;
+            }
+            Err(error) => return Err(error),
+        };
+        let lag = match groups
+            .iter()
+            .find(|g| g.name == PERSIST_GROUP)
+            .and_then(|g| g.lag)
+        {
+            Some(lag) => lag,
+            // No group yet (no worker has started) or a lag Redis cannot tell: the workers
+            // delete what they acknowledge, so the stream's length is the backlog.
+            None => connection.xlen(&key).await?,
+        };
+        total = total.saturating_add(i64::try_from(lag).unwrap_or(i64::MAX));
+    }
+    Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const WINDOW: Duration = Duration::from_secs(300);
+
+    #[test]
+    fn replicas_follow_lag_within_bounds() {
+        assert_eq!(replicas_for_lag(0, 5000, 1, 8), 1);
+        assert_eq!(replicas_for_lag(1, 5000, 1, 8), 1);
+        assert_eq!(replicas_for_lag(5000, 5000, 1, 8), 1);
+        assert_eq!(replicas_for_lag(5001, 5000, 1, 8), 2);
+        assert_eq!(replicas_for_lag(1_000_000, 5000, 1, 8), 8);
+        assert_eq!(replicas_for_lag(0, 5000, 0, 8), 0);
+        assert_eq!(replicas_for_lag(i64::MAX, 1, 1, 8), 8);
+    }
+
+    #[test]
+    fn shard_keys_use_hash_tags() {
+        assert_eq!(persist_stream(0), "cc:{s0}:persist");
+        assert_eq!(persist_stream(3), "cc:{s3}:persist");
+    }
+
+    #[test]
+    fn scale_up_is_immediate() {
+        let start = Instant::now();
+        let mut stabilizer = Stabilizer::new(start);
+        assert_eq!(stabilizer.stabilize(start, 1, 6, WINDOW), 6);
+    }
+
+    #[test]
+    fn scale_down_waits_for_a_full_window_after_start() {
+        let start = Instant::now();
+        let mut stabilizer = Stabilizer::new(start);
+        assert_eq!(stabilizer.stabilize(start, 5, 1, WINDOW), 5);
+        let later = start + WINDOW - Duration::from_secs(1);
+        assert_eq!(stabilizer.stabilize(later, 5, 1, WINDOW), 5);
+        assert_eq!(
+            stabilizer.stabilize(start + WINDOW + Duration::from_secs(1), 5, 1, WINDOW),
+            1
+        );
+    }
+
+    #[test]
+    fn scale_down_goes_to_the_highest_recent_recommendation() {
+        let start = Instant::now();
+        let mut stabilizer = Stabilizer::new(start);
+        let at = |s: u64| start + Duration::from_secs(s);
+        assert_eq!(stabilizer.stabilize(at(0), 1, 6, WINDOW), 6);
+        assert_eq!(stabilizer.stabilize(at(100), 6, 4, WINDOW), 6);
+        assert_eq!(
+            stabilizer.stabilize(at(350), 6, 2, WINDOW),
+            4,
+            "6 left the window, 4 did not"
+        );
+        assert_eq!(stabilizer.stabilize(at(500), 4, 2, WINDOW), 2);
+    }
+
+    /// Against a real `redis-server` (from the testkit), shaped as the workers leave it.
+    #[tokio::test]
+    async fn reads_the_backlog_of_every_shard_from_redis() {
+        let server = chatcluster_testkit::RedisServer::start();
+        let client = redis::Client::open(server.url()).unwrap();
+        let mut redis = client.get_multiplexed_async_connection().await.unwrap();
+        let add = |key: String, count: usize| {
+            let mut pipe = redis::pipe();
+            for _ in 0..count {
+                pipe.cmd("XADD")
+                    .arg(key.clone())
+                    .arg("*")
+                    .arg("d")
+                    .arg("x")
+                    .ignore();
+            }
+            pipe
+        };
+        // Shard 0: three entries no worker has read.
+        let _: () = redis
+            .xgroup_create_mkstream(persist_stream(0), PERSIST_GROUP, "$")
+            .await
+            .unwrap();
+        let _: () = add(persist_stream(0), 3)
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        // Shard 1: five entries, two of them read, acknowledged and deleted as a worker does.
+        let _: () = redis
+            .xgroup_create_mkstream(persist_stream(1), PERSIST_GROUP, "$")
+            .await
+            .unwrap();
+        let _: () = add(persist_stream(1), 5)
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        let read: redis::streams::StreamReadReply = redis
+            .xread_options(
+                &[persist_stream(1)],
+                &[">"],
+                &redis::streams::StreamReadOptions::default()
+                    .group(PERSIST_GROUP, "w")
+                    .count(2),
+            )
+            .await
+            .unwrap();
+        let ids: Vec<String> = read.keys[0].ids.iter().map(|e| e.id.clone()).collect();
+        let _: () = redis
+            .xack(persist_stream(1), PERSIST_GROUP, &ids)
+            .await
+            .unwrap();
+        let _: () = redis.xdel(persist_stream(1), &ids).await.unwrap();
+        // Shard 2: no stream. Shard 3: entries but no group yet (no worker started).
+        let _: () = add(persist_stream(3), 4)
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+
+        assert_eq!(
+            RedisLag.total_lag(&server.url(), 4).await.unwrap(),
+            3 + 3 + 4
+        );
+        assert_eq!(
+            RedisLag.total_lag(&server.url(), 1).await.unwrap(),
+            3,
+            "only shard 0"
+        );
+    }
+
+    #[tokio::test]
+    async fn unreachable_redis_is_an_error() {
+        let port = chatcluster_testkit::free_port();
+        let error = RedisLag
+            .total_lag(&format!("redis://127.0.0.1:{port}"), 4)
+            .await
+            .unwrap_err();
+        assert_eq!(error.metric_label(), "redis");
+    }
+}

@@ -15,16 +15,11 @@ use std::time::Duration;
 use tokio::net::{TcpListener, UnixListener};
 use tokio_util::sync::CancellationToken;
 
-use chatcluster_protocol::LamportClock;
-
 use crate::app;
 use crate::config::Config;
-use crate::history::{History, HistoryError};
-use crate::hub::Hub;
-use crate::metrics::Metrics;
-use crate::state::{Gateway, Parts};
-use crate::store::{Store, StoreError, StoreSettings};
-use crate::topics::Topics;
+use crate::history::HistoryError;
+use crate::state::Gateway;
+use crate::store::StoreError;
 
 /// How often Redis is pinged for readiness.
 const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
@@ -96,38 +91,7 @@ fn bind_unix(path: &Path) -> Result<(UnixListener, SocketFile), ServeError> {
 
 /// Builds the gateway state and starts its background tasks.
 fn build(config: Config, background: &CancellationToken) -> Result<Arc<Gateway>, ServeError> {
-    config.validate().map_err(ServeError::Config)?;
-    let client = redis::Client::open(config.redis_url.as_str()).map_err(ServeError::RedisUrl)?;
-    let metrics = Arc::new(Metrics::new());
-    let clock = Arc::new(LamportClock::new());
-    let store = Store::new(
-        client.clone(),
-        StoreSettings {
-            shards: config.stream_shards,
-            history_size: config.history_size,
-            history_ttl: config.history_ttl,
-            presence_ttl: config.presence_ttl,
-            timeout: config.backend_timeout,
-        },
-    )?;
-    let history = History::new(config.database_url.as_deref(), config.backend_timeout)?;
-    let hub = Arc::new(Hub::new(store.clone(), clock.clone(), metrics.clone()));
-    let topics = Topics::start(
-        client,
-        hub.clone(),
-        metrics.clone(),
-        config.backend_timeout,
-        background.clone(),
-    );
-    let gateway = Arc::new(Gateway::new(Parts {
-        config,
-        store,
-        history,
-        hub,
-        topics,
-        metrics,
-        clock,
-    }));
+    let gateway = Gateway::start(config, background)?;
     tokio::spawn(health_loop(gateway.clone(), background.clone()));
     tokio::spawn(crate::presence::run(gateway.clone(), background.clone()));
     Ok(gateway)

@@ -20,7 +20,8 @@ use crate::config::Config;
 use crate::history::{History, HistoryError};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
-use crate::store::{Position, Registry, Store, StoreError};
+use crate::server::ServeError;
+use crate::store::{Position, Registry, Store, StoreError, StoreSettings};
 use crate::topics::{TopicError, Topics};
 
 /// Names remembered as registered before the cache is cleared (bounds memory).
@@ -141,38 +142,35 @@ pub struct Gateway {
     users: KnownNames,
 }
 
-/// The parts a gateway is built from.
-#[derive(Debug)]
-pub struct Parts {
-    /// Configuration.
-    pub config: Config,
-    /// Redis requests.
-    pub store: Store,
-    /// PostgreSQL history.
-    pub history: History,
-    /// Local routing.
-    pub hub: Arc<Hub>,
-    /// Pub/sub.
-    pub topics: Topics,
-    /// Metrics.
-    pub metrics: Arc<Metrics>,
-    /// Lamport clock.
-    pub clock: Arc<LamportClock>,
-}
-
 impl Gateway {
-    /// Assembles the shared state.
-    pub fn new(parts: Parts) -> Self {
-        let Parts {
-            config,
-            store,
-            history,
-            hub,
-            topics,
-            metrics,
-            clock,
-        } = parts;
-        Self {
+    /// Builds the shared state from the configuration and starts the pub/sub
+    /// task, which stops when `background` is cancelled.
+    pub fn start(config: Config, background: &CancellationToken) -> Result<Arc<Self>, ServeError> {
+        config.validate().map_err(ServeError::Config)?;
+        let client =
+            redis::Client::open(config.redis_url.as_str()).map_err(ServeError::RedisUrl)?;
+        let metrics = Arc::new(Metrics::new());
+        let clock = Arc::new(LamportClock::new());
+        let store = Store::new(
+            client.clone(),
+            StoreSettings {
+                shards: config.stream_shards,
+                history_size: config.history_size,
+                history_ttl: config.history_ttl,
+                presence_ttl: config.presence_ttl,
+                timeout: config.backend_timeout,
+            },
+        )?;
+        let history = History::new(config.database_url.as_deref(), config.backend_timeout)?;
+        let hub = Arc::new(Hub::new(store.clone(), clock.clone(), metrics.clone()));
+        let topics = Topics::start(
+            client,
+            hub.clone(),
+            metrics.clone(),
+            config.backend_timeout,
+            background.clone(),
+        );
+        Ok(Arc::new(Self {
             instance: config.instance(),
             auth: Authenticator::new(config.auth_mode, config.jwt_secret.as_deref()),
             connection_slots: Arc::new(Semaphore::new(config.max_connections)),
@@ -190,7 +188,7 @@ impl Gateway {
             next_conn: AtomicU64::new(1),
             channels: KnownNames::default(),
             users: KnownNames::default(),
-        }
+        }))
     }
 
     /// A new connection id.

@@ -1,0 +1,423 @@
+//! Turning raw stream entries into rows, and poison entries into dead letters.
+//!
+//! Pure code: a [`Batch`] is built from what was read, holds the rows to write
+//! in one transaction and every entry id to acknowledge afterwards. An entry
+//! that cannot become a row (undecodable, or a value PostgreSQL would reject)
+//! becomes a [`DeadLetter`] instead of blocking its shard.
+
+use std::collections::HashSet;
+
+use chatcluster_protocol::entry::PersistEntry;
+use uuid::Uuid;
+
+use crate::reply::RawEntry;
+
+/// Earliest timestamp accepted (0001-01-01T00:00:00Z), in ms since the epoch.
+const MIN_TS_MS: i64 = -62_135_596_800_000;
+/// Latest timestamp accepted (9999-12-31T23:59:59.999Z), in ms since the epoch.
+const MAX_TS_MS: i64 = 253_402_300_799_999;
+
+/// A row of `messages`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessageRow {
+    /// Channel.
+    pub channel: String,
+    /// Offset in the channel.
+    pub offset: i64,
+    /// Message id.
+    pub msg_id: Uuid,
+    /// Author.
+    pub user: String,
+    /// Text.
+    pub body: String,
+    /// Acceptance time, ms since the epoch.
+    pub sent_at_ms: i64,
+    /// Lamport clock.
+    pub clock: i64,
+}
+
+/// A row of `direct_messages`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirectRow {
+    /// Message id.
+    pub msg_id: Uuid,
+    /// Sender.
+    pub from: String,
+    /// Recipient.
+    pub to: String,
+    /// Text.
+    pub body: String,
+    /// Acceptance time, ms since the epoch.
+    pub sent_at_ms: i64,
+    /// Lamport clock.
+    pub clock: i64,
+}
+
+/// A row of `users` or `channels`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NameRow {
+    /// The name.
+    pub name: String,
+    /// Creation time, ms since the epoch.
+    pub created_ms: i64,
+}
+
+/// One decoded entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Row {
+    /// For `messages`.
+    Message(MessageRow),
+    /// For `direct_messages`.
+    Direct(DirectRow),
+    /// For `users`.
+    User(NameRow),
+    /// For `channels`.
+    Channel(NameRow),
+}
+
+/// The rows of one transaction, per table, without duplicates.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Rows {
+    /// `messages` rows.
+    pub messages: Vec<MessageRow>,
+    /// `direct_messages` rows.
+    pub directs: Vec<DirectRow>,
+    /// `users` rows.
+    pub users: Vec<NameRow>,
+    /// `channels` rows.
+    pub channels: Vec<NameRow>,
+}
+
+impl Rows {
+    /// Number of rows.
+    pub fn len(&self) -> usize {
+        self.messages.len() + self.directs.len() + self.users.len() + self.channels.len()
+    }
+
+    /// Whether there is nothing to write.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The rows of a single entry.
+    pub fn single(row: Row) -> Self {
+        let mut rows = Self::default();
+        match row {
+            Row::Message(m) => rows.messages.push(m),
+            Row::Direct(d) => rows.directs.push(d),
+            Row::User(u) => rows.users.push(u),
+            Row::Channel(c) => rows.channels.push(c),
+        }
+        rows
+    }
+}
+
+/// An entry moved to the dead-letter stream instead of being written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    /// Index of the entry in [`Batch::entries`].
+    pub entry: usize,
+    /// Why it was rejected.
+    pub reason: String,
+}
+
+/// Entries read together: their rows, their dead letters, and all their ids.
+#[derive(Debug, Clone, Default)]
+pub struct Batch {
+    /// Every entry of the batch, acknowledged together once the rows committed.
+    pub entries: Vec<RawEntry>,
+    /// What to write.
+    pub rows: Rows,
+    /// Entries that will not be written.
+    pub dead: Vec<DeadLetter>,
+    /// Oldest acceptance time among messages and direct messages, ms since the epoch.
+    pub oldest_ms: Option<i64>,
+}
+
+fn checked_text(field: &str, value: String) -> Result<String, String> {
+    if value.contains('\0') {
+        Err(format!(
+            "{field} contains a NUL byte, which PostgreSQL text cannot store"
+        ))
+    } else {
+        Ok(value)
+    }
+}
+
+fn checked_ts(ts: i64) -> Result<i64, String> {
+    if (MIN_TS_MS..=MAX_TS_MS).contains(&ts) {
+        Ok(ts)
+    } else {
+        Err(format!("timestamp {ts} ms is outside years 1..=9999"))
+    }
+}
+
+fn checked_i64(field: &str, value: u64) -> Result<i64, String> {
+    i64::try_from(value).map_err(|_| format!("{field} {value} does not fit a bigint"))
+}
+
+/// Decodes one entry into its row; `Ok(None)` for an entry deleted from the
+/// stream while pending (nothing to write, only to acknowledge).
+pub fn decode(entry: &RawEntry) -> Result<Option<Row>, String> {
+    let Some(fields) = &entry.fields else {
+        return Ok(None);
+    };
+    let decoded = PersistEntry::decode(fields.iter().map(|(k, v)| (k.as_slice(), v.as_slice())))
+        .map_err(|e| e.to_string())?;
+    let row = match decoded {
+        PersistEntry::Message { offset, message } => Row::Message(MessageRow {
+            channel: checked_text("channel", message.channel)?,
+            offset: checked_i64("offset", offset)?,
+            msg_id: message.msg_id,
+            user: checked_text("user", message.user)?,
+            body: checked_text("text", message.text)?,
+            sent_at_ms: checked_ts(message.ts)?,
+            clock: checked_i64("clock", message.clock)?,
+        }),
+        PersistEntry::Direct(direct) => Row::Direct(DirectRow {
+            msg_id: direct.msg_id,
+            from: checked_text("from", direct.from)?,
+            to: checked_text("to", direct.to)?,
+            body: checked_text("text", direct.text)?,
+            sent_at_ms: checked_ts(direct.ts)?,
+            clock: checked_i64("clock", direct.clock)?,
+        }),
+        PersistEntry::User { name, ts } => Row::User(NameRow {
+            name: checked_text("name", name)?,
+            created_ms: checked_ts(ts)?,
+        }),
+        PersistEntry::Channel { name, ts } => Row::Channel(NameRow {
+            name: checked_text("name", name)?,
+            created_ms: checked_ts(ts)?,
+        }),
+    };
+    Ok(Some(row))
+}
+
+impl Batch {
+    /// Builds a batch; an entry seen twice (same shard and id, e.g. read from
+    /// the own pending list and claimed again) is kept once, and a message or
+    /// direct message with the same id is written once (any other duplicate key
+    /// is skipped by PostgreSQL on the idempotent path).
+    pub fn build(raw: Vec<RawEntry>) -> Self {
+        let mut batch = Self::default();
+        let mut ids = HashSet::with_capacity(raw.len());
+        let mut msg_ids = HashSet::with_capacity(raw.len());
+        let (mut dm_ids, mut users, mut channels) =
+            (HashSet::new(), HashSet::new(), HashSet::new());
+        for entry in raw {
+            if !ids.insert(entry.key()) {
+                continue;
+            }
+            let index = batch.entries.len();
+            match decode(&entry) {
+                Ok(None) => {}
+                Ok(Some(Row::Message(m))) => {
+                    batch.oldest_ms = Some(
+                        batch
+                            .oldest_ms
+                            .map_or(m.sent_at_ms, |o| o.min(m.sent_at_ms)),
+                    );
+                    if msg_ids.insert(m.msg_id) {
+                        batch.rows.messages.push(m);
+                    }
+                }
+                Ok(Some(Row::Direct(d))) => {
+                    batch.oldest_ms = Some(
+                        batch
+                            .oldest_ms
+                            .map_or(d.sent_at_ms, |o| o.min(d.sent_at_ms)),
+                    );
+                    if dm_ids.insert(d.msg_id) {
+                        batch.rows.directs.push(d);
+                    }
+                }
+                Ok(Some(Row::User(u))) => {
+                    if users.insert(u.name.clone()) {
+                        batch.rows.users.push(u);
+                    }
+                }
+                Ok(Some(Row::Channel(c))) => {
+                    if channels.insert(c.name.clone()) {
+                        batch.rows.channels.push(c);
+                    }
+                }
+                Err(reason) => batch.dead.push(DeadLetter {
+                    entry: index,
+                    reason,
+                }),
+            }
+            batch.entries.push(entry);
+        }
+        batch
+    }
+
+    /// Number of entries.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether the batch holds no entry.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chatcluster_protocol::entry::{StoredDirect, StoredMessage};
+
+    use super::*;
+
+    fn raw(shard: u32, id: &str, entry: &PersistEntry) -> RawEntry {
+        RawEntry {
+            shard,
+            id: id.to_owned(),
+            fields: Some(
+                entry
+                    .fields()
+                    .into_iter()
+                    .map(|(k, v)| (k.as_bytes().to_vec(), v))
+                    .collect(),
+            ),
+        }
+    }
+
+    fn message(offset: u64, n: u128, text: &str) -> PersistEntry {
+        PersistEntry::Message {
+            offset,
+            message: StoredMessage {
+                channel: "geral".into(),
+                msg_id: Uuid::from_u128(n),
+                user: "alice".into(),
+                text: text.into(),
+                ts: 1_795_000_000_000 + offset as i64,
+                clock: 3,
+            },
+        }
+    }
+
+    #[test]
+    fn decodes_every_kind_and_dedupes() {
+        let dm = PersistEntry::Direct(StoredDirect {
+            msg_id: Uuid::from_u128(99),
+            from: "a".into(),
+            to: "b".into(),
+            text: "oi".into(),
+            ts: 5,
+            clock: 1,
+        });
+        let batch = Batch::build(vec![
+            raw(0, "1-0", &message(1, 1, "x")),
+            raw(0, "1-0", &message(1, 1, "x")),
+            raw(1, "1-0", &message(1, 1, "x")),
+            raw(0, "2-0", &message(2, 2, "y")),
+            raw(2, "1-0", &dm),
+            raw(
+                3,
+                "1-0",
+                &PersistEntry::User {
+                    name: "bob".into(),
+                    ts: 1,
+                },
+            ),
+            raw(
+                3,
+                "2-0",
+                &PersistEntry::User {
+                    name: "bob".into(),
+                    ts: 2,
+                },
+            ),
+            raw(
+                1,
+                "7-0",
+                &PersistEntry::Channel {
+                    name: "geral".into(),
+                    ts: 1,
+                },
+            ),
+            RawEntry {
+                shard: 0,
+                id: "3-0".into(),
+                fields: None,
+            },
+        ]);
+        assert_eq!(batch.len(), 8, "the same shard+id is one entry");
+        assert_eq!(
+            batch.rows.messages.len(),
+            2,
+            "a message redelivered through another id is one row"
+        );
+        assert_eq!(batch.rows.directs.len(), 1);
+        assert_eq!(
+            batch.rows.users,
+            [NameRow {
+                name: "bob".into(),
+                created_ms: 1
+            }]
+        );
+        assert_eq!(batch.rows.channels.len(), 1);
+        assert!(batch.dead.is_empty());
+        assert_eq!(batch.oldest_ms, Some(5));
+    }
+
+    #[test]
+    fn poison_becomes_dead_letters_between_good_entries() {
+        let garbage = RawEntry {
+            shard: 0,
+            id: "2-0".into(),
+            fields: Some(vec![
+                (b"k".to_vec(), b"msg".to_vec()),
+                (b"o".to_vec(), b"1".to_vec()),
+                (b"d".to_vec(), b"\xc1".to_vec()),
+            ]),
+        };
+        let batch = Batch::build(vec![
+            raw(0, "1-0", &message(1, 1, "ok")),
+            garbage,
+            raw(0, "3-0", &message(2, 2, "nul\0byte")),
+            raw(0, "4-0", &message(3, 3, "ok")),
+            raw(
+                0,
+                "5-0",
+                &PersistEntry::User {
+                    name: "old".into(),
+                    ts: i64::MIN,
+                },
+            ),
+        ]);
+        assert_eq!(batch.rows.messages.len(), 2);
+        let dead: Vec<_> = batch
+            .dead
+            .iter()
+            .map(|d| (d.entry, d.reason.as_str()))
+            .collect();
+        assert_eq!(dead.len(), 3, "{dead:?}");
+        assert_eq!(dead[0].0, 1);
+        assert!(dead[0].1.contains("undecodable payload"), "{dead:?}");
+        assert!(dead[1].1.contains("NUL"), "{dead:?}");
+        assert!(dead[2].1.contains("outside years"), "{dead:?}");
+        assert_eq!(
+            batch.len(),
+            5,
+            "dead letters are acknowledged with the batch"
+        );
+    }
+
+    #[test]
+    fn numbers_beyond_bigint_are_rejected() {
+        let entry = PersistEntry::Message {
+            offset: u64::MAX,
+            message: match message(1, 1, "x") {
+                PersistEntry::Message { message, .. } => message,
+                _ => unreachable!(),
+            },
+        };
+        assert!(
+            decode(&raw(0, "1-0", &entry))
+                .unwrap_err()
+                .contains("bigint")
+        );
+    }
+}

@@ -92,6 +92,7 @@ defaults
   timeout client-fin 5s
   timeout http-request 10s
   option redispatch
+  option http-no-delay
   retries 3
 frontend ws
   bind 127.0.0.1:$PORT

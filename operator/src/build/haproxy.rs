@@ -39,6 +39,8 @@ defaults
     log global
     option httplog
     option dontlognull
+    # Chat frames are small and latency-bound: send them now, do not wait for more.
+    option http-no-delay
     timeout connect 5s
     timeout client 60s
     timeout server 60s

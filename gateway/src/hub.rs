@@ -20,6 +20,7 @@ use chatcluster_protocol::frame::{ChannelMessage, ServerFrame};
 use chatcluster_protocol::keys;
 
 use crate::metrics::Metrics;
+use crate::names::KnownNames;
 use crate::outbox::{ConnId, Outbox, SharedFrame};
 use crate::store::Store;
 
@@ -65,6 +66,8 @@ struct ChannelState {
 /// Local subscribers and the delivery of topic messages to them.
 #[derive(Debug)]
 pub struct Hub {
+    /// Names known to be registered in Redis.
+    pub names: KnownNames,
     channels: Mutex<HashMap<String, ChannelState>>,
     users: Mutex<HashMap<String, HashMap<ConnId, Outbox>>>,
     store: Store,
@@ -83,6 +86,7 @@ impl Hub {
     /// An empty hub.
     pub fn new(store: Store, clock: Arc<LamportClock>, metrics: Arc<Metrics>) -> Self {
         Self {
+            names: KnownNames::default(),
             channels: Mutex::default(),
             users: Mutex::default(),
             store,
@@ -282,8 +286,22 @@ impl Hub {
 
     /// After a pub/sub reconnect: delivers what every local channel missed
     /// while the subscription was down. A channel whose epoch changed (Redis
-    /// lost its history) restarts its tracking from the new epoch.
+    /// lost its history) restarts its tracking from the new epoch. Redis may
+    /// have restarted empty, so remembered names are forgotten and the users
+    /// connected here are registered again.
     pub async fn resync(&self) {
+        self.names.forget_all();
+        let users: Vec<String> = lock(&self.users).keys().cloned().collect();
+        for user in users {
+            match self
+                .store
+                .register(crate::store::Registry::Users, &user)
+                .await
+            {
+                Ok(_) => self.names.users.insert(&user),
+                Err(error) => tracing::warn!(%user, %error, "could not register user again"),
+            }
+        }
         let tracked: Vec<(String, Option<(String, u64)>)> = lock(&self.channels)
             .iter()
             .map(|(name, state)| (name.clone(), state.last.clone()))

@@ -11,7 +11,7 @@
 //! socket I/O; [`session`] protocol operations; [`state`] shared state and shared
 //! operations; [`hub`] local routing; [`topics`] the pub/sub connection; [`store`]
 //! Redis requests; [`history`] PostgreSQL reads; [`presence`] presence upkeep;
-//! [`outbox`] per-connection queues; [`auth`], [`ratelimit`], [`metrics`], [`api`].
+//! [`outbox`] per-connection queues; [`names`] registered names; [`auth`], [`ratelimit`], [`metrics`], [`api`].
 
 pub mod api;
 pub mod app;
@@ -21,6 +21,7 @@ pub mod connection;
 pub mod history;
 pub mod hub;
 pub mod metrics;
+pub mod names;
 pub mod outbox;
 pub mod presence;
 pub mod ratelimit;

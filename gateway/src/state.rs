@@ -1,9 +1,8 @@
 //! The state one gateway process shares between its connections, and the
 //! operations both the WebSocket and the HTTP API perform.
 
-use std::collections::HashSet;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use tokio::sync::Semaphore;
@@ -23,9 +22,6 @@ use crate::metrics::Metrics;
 use crate::server::ServeError;
 use crate::store::{Position, Registry, Store, StoreError, StoreSettings};
 use crate::topics::{TopicError, Topics};
-
-/// Names remembered as registered before the cache is cleared (bounds memory).
-const KNOWN_NAMES_LIMIT: usize = 100_000;
 
 /// An operation that failed, as the client will see it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -88,25 +84,6 @@ impl From<HistoryError> for OpError {
     }
 }
 
-/// A set of names known to be registered, so registration costs one round trip per gateway.
-#[derive(Debug, Default)]
-struct KnownNames(Mutex<HashSet<String>>);
-
-impl KnownNames {
-    fn contains(&self, name: &str) -> bool {
-        self.0.lock().map(|set| set.contains(name)).unwrap_or(false)
-    }
-
-    fn insert(&self, name: &str) {
-        if let Ok(mut set) = self.0.lock() {
-            if set.len() >= KNOWN_NAMES_LIMIT {
-                set.clear();
-            }
-            set.insert(name.to_owned());
-        }
-    }
-}
-
 /// Everything a gateway process shares.
 #[derive(Debug)]
 pub struct Gateway {
@@ -138,8 +115,6 @@ pub struct Gateway {
     pub draining: CancellationToken,
     redis_up: AtomicBool,
     next_conn: AtomicU64,
-    channels: KnownNames,
-    users: KnownNames,
 }
 
 impl Gateway {
@@ -186,8 +161,6 @@ impl Gateway {
             draining: CancellationToken::new(),
             redis_up: AtomicBool::new(false),
             next_conn: AtomicU64::new(1),
-            channels: KnownNames::default(),
-            users: KnownNames::default(),
         }))
     }
 
@@ -210,31 +183,31 @@ impl Gateway {
 
     /// Registers a channel name once (persisted the first time); returns whether it was new.
     pub async fn ensure_channel(&self, channel: &str) -> Result<bool, OpError> {
-        if self.channels.contains(channel) {
+        if self.hub.names.channels.contains(channel) {
             return Ok(false);
         }
         let created = self.store.register(Registry::Channels, channel).await?;
-        self.channels.insert(channel);
+        self.hub.names.channels.insert(channel);
         Ok(created)
     }
 
     /// Registers a user name once (persisted the first time).
     pub async fn ensure_user(&self, user: &str) -> Result<(), OpError> {
-        if !self.users.contains(user) {
+        if !self.hub.names.users.contains(user) {
             self.store.register(Registry::Users, user).await?;
-            self.users.insert(user);
+            self.hub.names.users.insert(user);
         }
         Ok(())
     }
 
     /// Whether a user was ever registered.
     pub async fn user_exists(&self, user: &str) -> Result<bool, OpError> {
-        if self.users.contains(user) {
+        if self.hub.names.users.contains(user) {
             return Ok(true);
         }
         let exists = self.store.exists(Registry::Users, user).await?;
         if exists {
-            self.users.insert(user);
+            self.hub.names.users.insert(user);
         }
         Ok(exists)
     }

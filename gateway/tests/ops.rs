@@ -239,8 +239,8 @@ async fn redis_down_means_unavailable_then_recovers() {
         ) == Some(200)),
         "/ready must recover"
     );
-    // Redis lost everything: the users must log in again? No: the connection keeps its
-    // identity; the gateway re-subscribed its topics, so live delivery resumes.
+    // Redis lost everything. Connections keep their identity, the gateway
+    // re-subscribed its topics and registered its connected users again.
     let mut published = None;
     for _ in 0..50 {
         let reply = publisher

@@ -93,20 +93,14 @@ impl Session {
         let result = match request.op {
             Op::Login { user } => self.login(user).await,
             Op::Users => self
-                .gateway
-                .store
                 .list(Registry::Users)
                 .await
-                .map(|users| ReplyData::Users(UsersReply { users }))
-                .map_err(OpError::from),
+                .map(|users| ReplyData::Users(UsersReply { users })),
             Op::Channel { channel } => self.create_channel(channel).await,
             Op::Channels => self
-                .gateway
-                .store
                 .list(Registry::Channels)
                 .await
-                .map(|channels| ReplyData::Channels(ChannelsReply { channels }))
-                .map_err(OpError::from),
+                .map(|channels| ReplyData::Channels(ChannelsReply { channels })),
             Op::Subscribe { channel, since } => {
                 self.subscribe(channel, since).await.map(|(reply, next)| {
                     activation = Some(next);
@@ -161,17 +155,27 @@ impl Session {
         self.identity.as_ref().ok_or_else(not_logged_in)
     }
 
+    /// A valid channel the logged-in user may use (create, subscribe, publish).
     fn check_channel(&self, channel: &str) -> Result<(), OpError> {
+        self.user()?;
+        self.check_readable(channel)
+    }
+
+    /// A valid channel that is not outside the token's `channels` claim (read
+    /// operations need no login).
+    fn check_readable(&self, channel: &str) -> Result<(), OpError> {
         validate::channel_name(channel)?;
-        let identity = self.user()?;
-        if identity.may_use(channel) {
-            Ok(())
-        } else {
-            Err(OpError::new(
+        match &self.identity {
+            Some(identity) if !identity.may_use(channel) => Err(OpError::new(
                 ErrorCode::Forbidden,
                 format!("your token does not allow channel {channel:?}"),
-            ))
+            )),
+            _ => Ok(()),
         }
+    }
+
+    async fn list(&self, registry: Registry) -> Result<Vec<String>, OpError> {
+        Ok(self.gateway.store.list(registry).await?)
     }
 
     fn take_token(&mut self) -> Result<(), OpError> {
@@ -416,15 +420,7 @@ impl Session {
     }
 
     async fn presence(&self, channel: String) -> Result<ReplyData, OpError> {
-        validate::channel_name(&channel)?;
-        if let Some(identity) = &self.identity
-            && !identity.may_use(&channel)
-        {
-            return Err(OpError::new(
-                ErrorCode::Forbidden,
-                format!("your token does not allow channel {channel:?}"),
-            ));
-        }
+        self.check_readable(&channel)?;
         let users = self.gateway.store.presence_users(&channel).await?;
         Ok(ReplyData::Presence(PresenceReply { channel, users }))
     }
@@ -435,16 +431,8 @@ impl Session {
         before: Option<u64>,
         limit: Option<u32>,
     ) -> Result<ReplyData, OpError> {
-        validate::channel_name(&channel)?;
+        self.check_readable(&channel)?;
         let limit = validate::history_limit(limit)?;
-        if let Some(identity) = &self.identity
-            && !identity.may_use(&channel)
-        {
-            return Err(OpError::new(
-                ErrorCode::Forbidden,
-                format!("your token does not allow channel {channel:?}"),
-            ));
-        }
         let messages = read_history(&self.gateway, &channel, before, limit).await?;
         Ok(ReplyData::History(HistoryReply { channel, messages }))
     }

@@ -389,3 +389,34 @@ async fn recovery_after_reconnect_is_exact() {
         "a wiped Redis shows as a new epoch"
     );
 }
+
+#[tokio::test]
+async fn while_one_gateway_drains_new_clients_land_on_the_other() {
+    let cluster = Cluster::start(&[("DRAIN_TIMEOUT", "3s")]);
+    let url = cluster.url();
+    let mut old = login(&url, Encoding::Json, "old").await;
+    old.ok(json!({"op": "subscribe", "channel": "geral"})).await;
+    let draining = &cluster.gateways[0];
+    draining.signal("TERM");
+    assert!(
+        wait_until(Duration::from_secs(2), || http_status_blocking(
+            draining.admin_port,
+            "/ready"
+        ) == Some(503)),
+        "the draining gateway is not ready"
+    );
+    // HAProxy retries the removed socket on the other process: no client sees an error.
+    for n in 0..6 {
+        let mut client = login(&url, Encoding::MsgPack, &format!("new{n}")).await;
+        client
+            .ok(json!({"op": "publish", "channel": "geral", "text": format!("hello {n}")}))
+            .await;
+    }
+    let accepted = cluster.gateways[1]
+        .metric("chatcluster_gateway_accepted_connections_total{encoding=\"msgpack\"}")
+        .await;
+    assert_eq!(
+        accepted, 6.0,
+        "every new client went to the gateway that is not draining"
+    );
+}

@@ -21,7 +21,7 @@ pub fn config(port: u16, stats_port: u16, sockets: &[PathBuf]) -> String {
     let mut cfg = format!(
         "global\n  maxconn 4000\n\n\
          defaults\n  mode http\n  timeout connect 2s\n  timeout client 60s\n  timeout server 60s\n  \
-         timeout tunnel 1h\n  timeout client-fin 5s\n  timeout http-request 10s\n  option http-server-close\n  option http-no-delay\n\n\
+         timeout tunnel 1h\n  timeout client-fin 5s\n  timeout http-request 10s\n  option http-server-close\n  option http-no-delay\n  option redispatch\n  retries 3\n\n\
          frontend ws\n  bind 127.0.0.1:{port}\n  default_backend gateways\n\n\
          frontend stats\n  bind 127.0.0.1:{stats_port}\n  http-request use-service prometheus-exporter if {{ path /metrics }}\n  \
          stats enable\n  stats uri /stats\n\n\

@@ -41,6 +41,9 @@ defaults
     option dontlognull
     # Chat frames are small and latency-bound: send them now, do not wait for more.
     option http-no-delay
+    # A draining gateway process removes its socket: retry the connect on another one.
+    option redispatch
+    retries 3
     timeout connect 5s
     timeout client 60s
     timeout server 60s

@@ -21,7 +21,7 @@ use super::haproxy::{self, CONFIG_DIR, HEALTH_PATH};
 use super::{
     APP_UID, BuildContext, CONFIG_HASH_ANNOTATION, Component, GATEWAY_ADMIN_PORT, HAPROXY_PORT,
     HAPROXY_STATS_PORT, SOCKET_DIR, SOCKET_VOLUME, hardened_container, http_probe, names,
-    plain_env, pod_name_env, pod_security, resources_or, secret_env,
+    plain_env, pod_name_env, pod_security, resources_or, secret_env, with_admin_endpoint,
 };
 use crate::crd::{AuthMode, SecretKeyRef, ServiceType};
 
@@ -160,17 +160,8 @@ fn gateway_container(ctx: &BuildContext<'_>, index: i32) -> Container {
     if let Some(api_key) = &cluster.auth.api_key_secret_ref {
         env.push(secret_env("API_KEY", api_key));
     }
-    let admin = IntOrString::Int(admin_port);
-    Container {
+    let container = Container {
         env: Some(env),
-        ports: Some(vec![ContainerPort {
-            name: Some(format!("admin-{index}")),
-            container_port: admin_port,
-            protocol: Some("TCP".to_owned()),
-            ..ContainerPort::default()
-        }]),
-        readiness_probe: Some(http_probe("/ready", admin.clone(), 5)),
-        liveness_probe: Some(http_probe("/health", admin, 10)),
         resources: Some(resources_or(
             spec.resources.as_ref(),
             "100m",
@@ -179,7 +170,8 @@ fn gateway_container(ctx: &BuildContext<'_>, index: i32) -> Container {
         )),
         volume_mounts: Some(vec![mount(SOCKET_VOLUME, SOCKET_DIR)]),
         ..hardened_container(ctx, &format!("gateway-{index}"), &spec.image)
-    }
+    };
+    with_admin_endpoint(container, &format!("admin-{index}"), admin_port)
 }
 
 fn haproxy_container(ctx: &BuildContext<'_>) -> Container {

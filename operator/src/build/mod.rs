@@ -16,9 +16,9 @@ use std::collections::BTreeMap;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMap, Container, EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector,
-    PodSecurityContext, Probe, ResourceRequirements, SeccompProfile, Secret, SecretKeySelector,
-    SecurityContext, Service, ServiceAccount,
+    Capabilities, ConfigMap, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction,
+    ObjectFieldSelector, PodSecurityContext, Probe, ResourceRequirements, SeccompProfile, Secret,
+    SecretKeySelector, SecurityContext, Service, ServiceAccount,
 };
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
@@ -472,6 +472,23 @@ pub(crate) fn http_probe(path: &str, port: IntOrString, period: i32) -> Probe {
         timeout_seconds: Some(2),
         failure_threshold: Some(3),
         ..Probe::default()
+    }
+}
+
+/// Adds a chatcluster binary's admin port (`name`, TCP `port`) to `container`,
+/// with the readiness probe on `/ready` and the liveness probe on `/health`.
+pub(crate) fn with_admin_endpoint(container: Container, name: &str, port: i32) -> Container {
+    let probed = IntOrString::Int(port);
+    Container {
+        ports: Some(vec![ContainerPort {
+            name: Some(name.to_owned()),
+            container_port: port,
+            protocol: Some("TCP".to_owned()),
+            ..ContainerPort::default()
+        }]),
+        readiness_probe: Some(http_probe("/ready", probed.clone(), 5)),
+        liveness_probe: Some(http_probe("/health", probed, 10)),
+        ..container
     }
 }
 

@@ -1,20 +1,18 @@
 //! The worker Deployment. Its replica count comes from the autoscaler, not from the spec.
 
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
-use k8s_openapi::api::core::v1::{Container, ContainerPort, PodSpec, PodTemplateSpec};
+use k8s_openapi::api::core::v1::{Container, PodSpec, PodTemplateSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::{
-    APP_UID, BuildContext, Component, WORKER_ADMIN_PORT, hardened_container, http_probe, names,
-    plain_env, pod_name_env, pod_security, resources_or,
+    APP_UID, BuildContext, Component, WORKER_ADMIN_PORT, hardened_container, names, plain_env,
+    pod_name_env, pod_security, resources_or, with_admin_endpoint,
 };
 
 /// The worker Deployment with `replicas` pods.
 pub(super) fn deployment(ctx: &BuildContext<'_>, replicas: i32) -> Deployment {
     let cluster = &ctx.cluster.spec;
     let spec = &cluster.worker;
-    let admin = IntOrString::String("admin".to_owned());
     let container = Container {
         env: Some(vec![
             ctx.redis_url_env(),
@@ -27,14 +25,6 @@ pub(super) fn deployment(ctx: &BuildContext<'_>, replicas: i32) -> Deployment {
             plain_env("ADMIN_ADDR", format!("0.0.0.0:{WORKER_ADMIN_PORT}")),
             plain_env("LOG_FORMAT", "json"),
         ]),
-        ports: Some(vec![ContainerPort {
-            name: Some("admin".to_owned()),
-            container_port: WORKER_ADMIN_PORT,
-            protocol: Some("TCP".to_owned()),
-            ..ContainerPort::default()
-        }]),
-        readiness_probe: Some(http_probe("/ready", admin.clone(), 5)),
-        liveness_probe: Some(http_probe("/health", admin, 10)),
         resources: Some(resources_or(
             spec.resources.as_ref(),
             "50m",
@@ -43,6 +33,7 @@ pub(super) fn deployment(ctx: &BuildContext<'_>, replicas: i32) -> Deployment {
         )),
         ..hardened_container(ctx, "worker", &spec.image)
     };
+    let container = with_admin_endpoint(container, "admin", WORKER_ADMIN_PORT);
     Deployment {
         metadata: ctx.meta(names::worker(&ctx.name), Component::Worker),
         spec: Some(DeploymentSpec {

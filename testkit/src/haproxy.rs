@@ -1,9 +1,10 @@
 //! A real `haproxy` in front of gateway processes on Unix sockets, as in a pod.
 
-use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
+
+use chatcluster_haproxy::HaproxyConfig;
 
 use crate::process::Guarded;
 
@@ -16,22 +17,20 @@ pub struct Haproxy {
     _process: Guarded,
 }
 
-/// The configuration the test harness uses: the same shape the operator generates.
+/// The configuration the test harness uses: the operator's, on loopback, with fast checks.
 pub fn config(port: u16, stats_port: u16, sockets: &[PathBuf]) -> String {
-    let mut cfg = format!(
-        "global\n  maxconn 4000\n\n\
-         defaults\n  mode http\n  timeout connect 2s\n  timeout client 60s\n  timeout server 60s\n  \
-         timeout tunnel 1h\n  timeout client-fin 5s\n  timeout http-request 10s\n  option http-server-close\n  option http-no-delay\n  option redispatch\n  retries 3\n\n\
-         frontend ws\n  bind 127.0.0.1:{port}\n  default_backend gateways\n\n\
-         frontend stats\n  bind 127.0.0.1:{stats_port}\n  http-request use-service prometheus-exporter if {{ path /metrics }}\n  \
-         stats enable\n  stats uri /stats\n\n\
-         backend gateways\n  balance leastconn\n  option httpchk GET /health\n  \
-         default-server inter 500ms fall 2 rise 1\n"
+    let mut cfg = HaproxyConfig::new(
+        format!("127.0.0.1:{port}"),
+        format!("127.0.0.1:{stats_port}"),
+        sockets.to_vec(),
     );
-    for (i, socket) in sockets.iter().enumerate() {
-        let _ = writeln!(cfg, "  server gw{i} unix@{} check", socket.display());
-    }
-    cfg
+    // HAProxy needs two descriptors per connection; the hard open-file limit here is 20,000.
+    cfg.max_conn = 9_000;
+    cfg.check_interval = Duration::from_millis(500);
+    cfg.check_fall = 2;
+    cfg.check_rise = 1;
+    cfg.client_fin = Duration::from_secs(5);
+    cfg.render()
 }
 
 impl Haproxy {
@@ -42,7 +41,9 @@ impl Haproxy {
         let (port, stats_port) = (crate::free_port(), crate::free_port());
         let cfg_path = dir.path().join("haproxy.cfg");
         std::fs::write(&cfg_path, config(port, stats_port, sockets)).expect("write haproxy.cfg");
-        check_config(&binary, &cfg_path);
+        if let Err(e) = chatcluster_haproxy::check(&binary, &cfg_path) {
+            panic!("{e}");
+        }
         let process = Guarded::spawn(
             "haproxy",
             Command::new(&binary).arg("-db").arg("-f").arg(&cfg_path),
@@ -73,18 +74,4 @@ impl Haproxy {
     pub fn stats_port(&self) -> u16 {
         self.stats_port
     }
-}
-
-fn check_config(binary: &Path, cfg: &Path) {
-    let out = Command::new(binary)
-        .arg("-c")
-        .arg("-f")
-        .arg(cfg)
-        .output()
-        .expect("run haproxy -c");
-    assert!(
-        out.status.success(),
-        "invalid haproxy.cfg: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }

@@ -36,4 +36,21 @@ fn haproxy_config_is_valid_and_serves_stats() {
     let cfg = chatcluster_testkit::haproxy::config(1, 2, &sockets);
     assert!(cfg.contains("unix@"));
     assert!(cfg.contains("option httpchk GET /health"));
+    // No gateway listens on either socket: alive, but not ready.
+    assert!(http_get(haproxy.stats_port(), "/healthz").starts_with("HTTP/1.1 200"));
+    assert!(
+        chatcluster_testkit::wait_until(std::time::Duration::from_secs(5), || {
+            http_get(haproxy.stats_port(), "/ready").starts_with("HTTP/1.1 503")
+        }),
+        "/ready must fail while no gateway server is up"
+    );
+}
+
+fn http_get(port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    response
 }

@@ -17,7 +17,7 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use super::haproxy::{self, CONFIG_DIR, HEALTH_PATH};
+use super::haproxy::{self, CONFIG_DIR, LIVENESS_PATH, READINESS_PATH};
 use super::{
     APP_UID, BuildContext, CONFIG_HASH_ANNOTATION, Component, GATEWAY_ADMIN_PORT, HAPROXY_PORT,
     HAPROXY_STATS_PORT, SOCKET_DIR, SOCKET_VOLUME, hardened_container, http_probe, names,
@@ -188,8 +188,8 @@ fn haproxy_container(ctx: &BuildContext<'_>) -> Container {
             port("http", HAPROXY_PORT),
             port("metrics", HAPROXY_STATS_PORT),
         ]),
-        readiness_probe: Some(http_probe(HEALTH_PATH, metrics.clone(), 5)),
-        liveness_probe: Some(http_probe(HEALTH_PATH, metrics, 10)),
+        readiness_probe: Some(http_probe(READINESS_PATH, metrics.clone(), 5)),
+        liveness_probe: Some(http_probe(LIVENESS_PATH, metrics, 10)),
         resources: Some(resources_or(
             spec.resources.as_ref(),
             "50m",
@@ -318,6 +318,13 @@ mod tests {
             .unwrap();
         assert_eq!(probe.path.as_deref(), Some("/healthz"));
         assert_eq!(probe.port, IntOrString::String("metrics".to_owned()));
+        let readiness = haproxy.readiness_probe.as_ref().unwrap();
+        let readiness = readiness.http_get.as_ref().unwrap();
+        assert_eq!(
+            readiness.path.as_deref(),
+            Some("/ready"),
+            "ready only with a gateway up"
+        );
         let mounts = haproxy.volume_mounts.as_ref().unwrap();
         assert!(mounts.iter().any(|m| m.mount_path == "/var/lib/haproxy"));
         assert!(

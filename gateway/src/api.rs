@@ -14,7 +14,6 @@ use chatcluster_protocol::frame::{ChannelMessage, ErrorCode, PublishReply};
 use chatcluster_protocol::validate;
 
 use crate::auth;
-use crate::session::read_history;
 use crate::state::{Gateway, OpError};
 use crate::store::Registry;
 
@@ -116,7 +115,7 @@ pub async fn channel_messages(
     })?;
     validate::channel_name(&channel).map_err(OpError::from)?;
     let limit = validate::history_limit(query.limit).map_err(OpError::from)?;
-    let messages = read_history(&gateway, &channel, query.before, limit).await?;
+    let messages = gateway.read_history(&channel, query.before, limit).await?;
     Ok(Json(MessagePage { channel, messages }))
 }
 

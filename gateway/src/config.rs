@@ -107,11 +107,26 @@ pub struct Config {
     /// Frames queued for one connection before it counts as a slow reader and is closed (1008).
     #[arg(long, env = "OUTBOUND_QUEUE", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
     pub outbound_queue: u32,
-    /// Wait this long after a connection's first queued frame before writing, so
-    /// frames arriving meanwhile share one write (fewer syscalls at high fan-out;
-    /// adds at most this much latency). `0s` writes at once.
-    #[arg(long, env = "WRITE_DELAY", default_value = "0s", value_parser = parse_duration)]
-    pub write_delay: Duration,
+    /// At most one write per connection per this interval: frames queued soon
+    /// after a write wait and leave together with the next one (one vectored
+    /// write), while a frame queued after a quiet period is written at once.
+    /// Cuts syscalls at high fan-out, here and in HAProxy, for at most this much
+    /// added latency. `0s` writes every wake-up at once.
+    #[arg(long, env = "WRITE_COALESCE", default_value = "10ms", value_parser = parse_duration)]
+    pub write_coalesce: Duration,
+    /// Dispatcher tasks of the delivery core (topics are spread over them by
+    /// hash); 0 means one per available CPU.
+    #[arg(long, env = "DISPATCHERS", default_value_t = 0)]
+    pub dispatchers: usize,
+    /// How long a topic stays subscribed after its last local subscriber left
+    /// (absorbs reconnect storms and subscribe/unsubscribe churn).
+    #[arg(long, env = "TOPIC_LINGER", default_value = "5s", value_parser = parse_duration)]
+    pub topic_linger: Duration,
+    /// How often the pub/sub connection is checked with a PING; no answer
+    /// within BACKEND_TIMEOUT reconnects it (and /ready fails until every topic
+    /// is subscribed again).
+    #[arg(long, env = "PUBSUB_PING_INTERVAL", default_value = "5s", value_parser = parse_duration)]
+    pub pubsub_ping_interval: Duration,
     /// Open WebSocket connections this process accepts.
     #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 20000)]
     pub max_connections: usize,
@@ -150,6 +165,14 @@ impl Config {
                 .unwrap_or_else(|_| "gateway".into());
             format!("{host}-{}", std::process::id())
         })
+    }
+
+    /// Dispatcher tasks to run.
+    pub fn dispatchers(&self) -> usize {
+        if self.dispatchers > 0 {
+            return self.dispatchers;
+        }
+        std::thread::available_parallelism().map_or(1, usize::from)
     }
 
     /// Checks combinations clap cannot express.

@@ -1,17 +1,26 @@
-//! One WebSocket connection: the upgrade (auth, limits, subprotocol), then a
-//! reader loop that handles requests in order and a writer task that drains
-//! the connection's bounded queue in batches, joined by a shared kill switch.
+//! One WebSocket connection: the upgrade (auth, limits, subprotocol,
+//! handshake), then a reader loop that handles requests in order and a writer
+//! task that turns everything queued into one vectored write, joined by the
+//! outbox's kill switch.
+//!
+//! After the upgrade the gateway owns the socket itself (the Unix or TCP
+//! stream, split into halves without locks) and speaks WebSocket through
+//! [`crate::ws`], so a push is never copied per recipient: its frame bytes are
+//! shared and handed to the kernel in place.
 
+use std::io::IoSlice;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{Query, State};
-use axum::http::{HeaderMap, StatusCode, header};
-use axum::response::Response;
-use futures_util::stream::{SplitSink, SplitStream};
-use futures_util::{SinkExt, StreamExt};
+use axum::extract::{Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use bytes::{Bytes, BytesMut};
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
 use serde::Deserialize;
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
@@ -23,14 +32,13 @@ use crate::auth::{self, Identity};
 use crate::outbox::{CloseReason, Inbox, Outbox};
 use crate::session::Session;
 use crate::state::Gateway;
+use crate::ws::{self, FrameReader, Incoming, WsError};
 
-/// Frames written per flush at most.
-const WRITE_BATCH: usize = 256;
-/// Capacity of the WebSocket read buffer (grows for larger frames); small to keep idle connections cheap.
-const READ_BUFFER: usize = 1024;
-/// Bytes buffered before a write reaches the socket (flushes write sooner).
-const WRITE_BUFFER: usize = 16 * 1024;
-/// How long a closing connection may take to send its close frame.
+/// Bytes read from the socket per read at most.
+const READ_CHUNK: usize = 4096;
+/// Most buffers handed to one vectored write.
+const MAX_IOV: usize = 512;
+/// How long a closing connection may take to send what is queued and its close frame.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 /// Query parameters of `/ws`.
@@ -40,12 +48,11 @@ pub struct WsQuery {
     token: Option<String>,
 }
 
-/// `GET /ws`: checks the upgrade and starts the connection.
+/// `GET /ws`: checks the upgrade, answers the handshake and starts the connection.
 pub async fn upgrade(
     State(gateway): State<Arc<Gateway>>,
     Query(query): Query<WsQuery>,
-    headers: HeaderMap,
-    ws: WebSocketUpgrade,
+    mut request: Request,
 ) -> Result<Response, ApiError> {
     let reject = |reason: &'static str, error: ApiError| {
         gateway
@@ -65,6 +72,7 @@ pub async fn upgrade(
             ),
         );
     }
+    let headers = request.headers();
     let header_token = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -85,10 +93,15 @@ pub async fn upgrade(
             );
         }
     };
-    let encoding = match negotiate(&ws) {
+    let accept = match handshake_key(headers) {
+        Ok(key) => ws::accept_key(key),
+        Err(error) => return reject("handshake", error),
+    };
+    let encoding = match negotiate(headers) {
         Ok(encoding) => encoding,
         Err(error) => return reject("subprotocol", error),
     };
+    let echo_protocol = headers.contains_key(header::SEC_WEBSOCKET_PROTOCOL);
     let Ok(permit) = gateway.connection_slots.clone().try_acquire_owned() else {
         return reject(
             "limit",
@@ -99,28 +112,80 @@ pub async fn upgrade(
             ),
         );
     };
-    let max_frame = gateway.config.max_frame_bytes;
+    let on_upgrade = hyper::upgrade::on(&mut request);
     let tracker = gateway.connections.clone();
-    // Echoes the chosen subprotocol when the client asked for one.
-    Ok(ws
-        .protocols([encoding.subprotocol()])
-        .max_message_size(max_frame)
-        .max_frame_size(max_frame)
-        .read_buffer_size(READ_BUFFER)
-        .write_buffer_size(WRITE_BUFFER)
-        .on_upgrade(move |socket| {
-            tracker.track_future(run(gateway, socket, identity, encoding, permit))
-        }))
+    tracker.spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => run(gateway, upgraded, identity, encoding, permit).await,
+            Err(error) => tracing::debug!(%error, "upgrade failed"),
+        }
+    });
+    let mut response = StatusCode::SWITCHING_PROTOCOLS.into_response();
+    let headers = response.headers_mut();
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    if let Ok(accept) = HeaderValue::from_str(&accept) {
+        headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    }
+    if echo_protocol {
+        headers.insert(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static(encoding.subprotocol()),
+        );
+    }
+    Ok(response)
+}
+
+/// Whether a comma-separated header holds `token` (case-insensitive).
+fn header_has(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
+    headers.get_all(name).iter().any(|value| {
+        value
+            .to_str()
+            .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+    })
+}
+
+/// The client's `Sec-WebSocket-Key`, once the request is a valid version-13 upgrade.
+fn handshake_key(headers: &HeaderMap) -> Result<&str, ApiError> {
+    let bad = |message: &str| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::BadRequest,
+            format!("{message}: /ws speaks WebSocket (RFC 6455)"),
+        )
+    };
+    if !header_has(headers, header::UPGRADE, "websocket")
+        || !header_has(headers, header::CONNECTION, "upgrade")
+    {
+        return Err(bad("not a WebSocket upgrade request"));
+    }
+    if headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .is_none_or(|v| v.as_bytes() != b"13")
+    {
+        return Err(bad("unsupported Sec-WebSocket-Version (send 13)"));
+    }
+    headers
+        .get(header::SEC_WEBSOCKET_KEY)
+        .and_then(|v| v.to_str().ok())
+        .filter(|key| key.len() == 24)
+        .ok_or_else(|| bad("missing or malformed Sec-WebSocket-Key"))
 }
 
 /// Picks the encoding from the client's subprotocols (JSON when none is asked for).
-fn negotiate(ws: &WebSocketUpgrade) -> Result<Encoding, ApiError> {
-    let mut requested = ws.requested_protocols().peekable();
+fn negotiate(headers: &HeaderMap) -> Result<Encoding, ApiError> {
+    let mut requested = headers
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .peekable();
     if requested.peek().is_none() {
         return Ok(Encoding::Json);
     }
     requested
-        .find_map(|p| p.to_str().ok().and_then(Encoding::from_subprotocol))
+        .find_map(Encoding::from_subprotocol)
         .ok_or_else(|| {
             ApiError::new(
                 StatusCode::BAD_REQUEST,
@@ -134,10 +199,66 @@ fn negotiate(ws: &WebSocketUpgrade) -> Result<Encoding, ApiError> {
         })
 }
 
+/// The reading half of an upgraded socket.
+enum ReadHalf {
+    Unix(tokio::net::unix::OwnedReadHalf),
+    Tcp(tokio::net::tcp::OwnedReadHalf),
+    Other(tokio::io::ReadHalf<TokioIo<Upgraded>>),
+}
+
+impl ReadHalf {
+    /// Reads what is available into `buffer`, reserving room only once the
+    /// socket is readable, so an idle connection holds no read buffer.
+    async fn read_into(&mut self, buffer: &mut BytesMut) -> std::io::Result<usize> {
+        macro_rules! ready_then_read {
+            ($half:expr) => {
+                loop {
+                    $half.readable().await?;
+                    buffer.reserve(READ_CHUNK);
+                    match $half.try_read_buf(buffer) {
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                        other => return other,
+                    }
+                }
+            };
+        }
+        match self {
+            Self::Unix(half) => ready_then_read!(half),
+            Self::Tcp(half) => ready_then_read!(half),
+            Self::Other(half) => {
+                buffer.reserve(READ_CHUNK);
+                half.read_buf(buffer).await
+            }
+        }
+    }
+}
+
+type WriteHalf = Box<dyn AsyncWrite + Send + Unpin>;
+
+/// Splits an upgraded connection; the bytes already read past the handshake come first.
+fn split(upgraded: Upgraded) -> (ReadHalf, WriteHalf, Bytes) {
+    let upgraded = match upgraded.downcast::<TokioIo<UnixStream>>() {
+        Ok(parts) => {
+            let (read, write) = parts.io.into_inner().into_split();
+            return (ReadHalf::Unix(read), Box::new(write), parts.read_buf);
+        }
+        Err(upgraded) => upgraded,
+    };
+    let upgraded = match upgraded.downcast::<TokioIo<TcpStream>>() {
+        Ok(parts) => {
+            let (read, write) = parts.io.into_inner().into_split();
+            return (ReadHalf::Tcp(read), Box::new(write), parts.read_buf);
+        }
+        Err(upgraded) => upgraded,
+    };
+    let (read, write) = tokio::io::split(TokioIo::new(upgraded));
+    (ReadHalf::Other(read), Box::new(write), Bytes::new())
+}
+
 #[tracing::instrument(name = "conn", skip_all, fields(id))]
 async fn run(
     gateway: Arc<Gateway>,
-    socket: WebSocket,
+    upgraded: Upgraded,
     identity: Option<Identity>,
     encoding: Encoding,
     _permit: OwnedSemaphorePermit,
@@ -150,17 +271,19 @@ async fn run(
         .connections_total
         .get_or_create(&[("encoding", encoding.as_str())])
         .inc();
-    let (outbox, inbox) = Outbox::channel(
-        id,
-        encoding,
-        gateway.config.outbound_queue as usize,
-        gateway.metrics.clone(),
-    );
-    let (sink, mut stream) = socket.split();
-    let writer = tokio::spawn(write_loop(sink, inbox, gateway.config.write_delay));
+    let (outbox, inbox) = Outbox::channel(id, encoding, gateway.config.outbound_queue as usize);
+    let (mut read_half, write_half, early) = split(upgraded);
+    let writer = tokio::spawn(write_loop(
+        write_half,
+        inbox,
+        outbox.clone(),
+        gateway.config.write_coalesce,
+    ));
+    let mut reader = FrameReader::new(gateway.config.max_frame_bytes);
+    reader.buffer().extend_from_slice(&early);
     match Box::pin(Session::start(gateway.clone(), outbox.clone(), identity)).await {
         Ok(mut session) => {
-            read_loop(&gateway, &mut stream, &outbox, &mut session).await;
+            read_loop(&gateway, &mut read_half, &mut reader, &outbox, &mut session).await;
             Box::pin(session.close()).await;
         }
         Err(error) => {
@@ -177,9 +300,14 @@ async fn run(
     // Closing handshake: read until the client's close frame (or a timeout), so
     // unread client bytes do not turn our close into a reset that loses the close frame.
     let _ = tokio::time::timeout(CLOSE_GRACE, async {
-        while let Some(Ok(message)) = stream.next().await {
-            if matches!(message, Message::Close(_)) {
-                break;
+        loop {
+            match reader.next_message() {
+                Ok(Some(Incoming::Close(_))) | Err(_) => return,
+                Ok(Some(_)) => continue,
+                Ok(None) => {}
+            }
+            if !matches!(read_half.read_into(reader.buffer()).await, Ok(n) if n > 0) {
+                return;
             }
         }
     })
@@ -191,18 +319,54 @@ async fn run(
 
 async fn read_loop(
     gateway: &Gateway,
-    stream: &mut SplitStream<WebSocket>,
+    read_half: &mut ReadHalf,
+    reader: &mut FrameReader,
     outbox: &Outbox,
     session: &mut Session,
 ) {
     let config = &gateway.config;
-    let encoding = outbox.encoding();
     let mut ping =
         tokio::time::interval_at(Instant::now() + config.ping_interval, config.ping_interval);
     let mut last_seen = Instant::now();
     let mut bad_frames = 0u32;
     loop {
-        let frame = tokio::select! {
+        loop {
+            let incoming = match reader.next_message() {
+                Ok(Some(incoming)) => incoming,
+                Ok(None) => break,
+                Err(error) => {
+                    tracing::debug!(%error, "websocket protocol violation");
+                    outbox.close(match error {
+                        WsError::TooBig(_) => CloseReason::TooLarge,
+                        other => CloseReason::Protocol(other.close_code()),
+                    });
+                    return;
+                }
+            };
+            last_seen = Instant::now();
+            match incoming {
+                Incoming::Close(_) => {
+                    outbox.close(CloseReason::Normal);
+                    return;
+                }
+                Incoming::Ping(payload) => {
+                    outbox.push(ws::frame(ws::opcode::PONG, &payload), 1);
+                }
+                Incoming::Pong => {}
+                Incoming::Text(data) => {
+                    if !request(gateway, outbox, session, &data, true, &mut bad_frames).await {
+                        return;
+                    }
+                }
+                Incoming::Binary(data) => {
+                    if !request(gateway, outbox, session, &data, false, &mut bad_frames).await {
+                        return;
+                    }
+                }
+            }
+        }
+        reader.shrink_if_empty();
+        tokio::select! {
             () = outbox.closed() => return,
             () = gateway.closing.cancelled() => {
                 outbox.close(CloseReason::Shutdown);
@@ -213,76 +377,54 @@ async fn read_loop(
                     outbox.close(CloseReason::Idle);
                     return;
                 }
-                outbox.push(Message::Ping(bytes::Bytes::new()));
-                continue;
+                outbox.push(ws::frame(ws::opcode::PING, b""), 1);
             }
-            frame = stream.next() => frame,
-        };
-        let bytes = match frame {
-            None => return,
-            Some(Ok(Message::Close(_))) => {
-                outbox.close(CloseReason::Normal);
-                return;
-            }
-            Some(Err(error)) => {
-                // Oversize frames surface as read errors; tell the client why if we can.
-                if let Some(tungstenite::Error::Capacity(_)) =
-                    error.into_inner().downcast_ref::<tungstenite::Error>()
-                {
-                    outbox.close(CloseReason::TooLarge);
-                }
-                return;
-            }
-            Some(Ok(message)) => {
-                last_seen = Instant::now();
-                match (message, encoding) {
-                    (Message::Text(text), Encoding::Json) => bytes::Bytes::from(text),
-                    (Message::Binary(data), Encoding::MsgPack) => data,
-                    (Message::Ping(_) | Message::Pong(_), _) => continue,
-                    (_, encoding) => {
-                        let message = format!(
-                            "this connection speaks {}: send {} frames",
-                            encoding.subprotocol(),
-                            if encoding.is_binary() {
-                                "binary"
-                            } else {
-                                "text"
-                            }
-                        );
-                        if !refuse(
-                            gateway,
-                            outbox,
-                            RequestError {
-                                id: None,
-                                code: ErrorCode::BadRequest,
-                                message,
-                            },
-                            &mut bad_frames,
-                        ) {
-                            return;
-                        }
-                        continue;
-                    }
-                }
-            }
-        };
-        match codec::decode_request(encoding, &bytes) {
-            Ok(request) => {
-                bad_frames = 0;
-                // Boxed: the deepest operation's state would otherwise live in
-                // every idle connection's task for its whole life.
-                let outcome = Box::pin(session.handle(request)).await;
-                outbox.push_frame(&outcome.reply);
-                if let Some(activation) = outcome.activation {
-                    session.activate(activation);
-                }
-            }
-            Err(error) => {
-                if !refuse(gateway, outbox, error, &mut bad_frames) {
-                    return;
-                }
-            }
+            read = read_half.read_into(reader.buffer()) => match read {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            },
         }
+    }
+}
+
+/// Handles one data message; returns whether the connection stays open.
+async fn request(
+    gateway: &Gateway,
+    outbox: &Outbox,
+    session: &mut Session,
+    data: &[u8],
+    is_text: bool,
+    bad_frames: &mut u32,
+) -> bool {
+    let encoding = outbox.encoding();
+    if is_text == encoding.is_binary() {
+        let message = format!(
+            "this connection speaks {}: send {} frames",
+            encoding.subprotocol(),
+            if encoding.is_binary() {
+                "binary"
+            } else {
+                "text"
+            }
+        );
+        let error = RequestError {
+            id: None,
+            code: ErrorCode::BadRequest,
+            message,
+        };
+        return refuse(gateway, outbox, error, bad_frames);
+    }
+    match codec::decode_request(encoding, data) {
+        Ok(request) => {
+            *bad_frames = 0;
+            // Boxed: the deepest operation's state would otherwise live in
+            // every idle connection's task for its whole life.
+            if let Some(reply) = Box::pin(session.handle(request)).await {
+                outbox.push_frame(&reply);
+            }
+            true
+        }
+        Err(error) => refuse(gateway, outbox, error, bad_frames),
     }
 }
 
@@ -308,40 +450,77 @@ fn refuse(gateway: &Gateway, outbox: &Outbox, error: RequestError, bad_frames: &
     true
 }
 
-async fn write_loop(mut sink: SplitSink<WebSocket, Message>, mut inbox: Inbox, delay: Duration) {
-    let kill = inbox.kill.clone();
-    let written = async {
-        let encoding = inbox.encoding;
-        while let Some(first) = inbox.rx.recv().await {
-            if !delay.is_zero() {
-                tokio::time::sleep(delay).await;
-            }
-            sink.feed(first.into_message(encoding)).await?;
-            for _ in 1..WRITE_BATCH {
-                match inbox.rx.try_recv() {
-                    Ok(next) => sink.feed(next.into_message(encoding)).await?,
-                    Err(_) => break,
-                }
-            }
-            sink.flush().await?;
+/// Writes `chunks` completely, as few vectored writes as the kernel allows.
+async fn write_chunks(write_half: &mut WriteHalf, chunks: &[Bytes]) -> std::io::Result<()> {
+    let (mut index, mut offset) = (0, 0);
+    while index < chunks.len() {
+        let slices: Vec<IoSlice<'_>> = chunks[index..]
+            .iter()
+            .take(MAX_IOV)
+            .enumerate()
+            .map(|(i, chunk)| IoSlice::new(if i == 0 { &chunk[offset..] } else { chunk }))
+            .collect();
+        let mut written = write_half.write_vectored(&slices).await?;
+        if written == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
         }
-        Ok::<_, axum::Error>(())
-    };
-    tokio::select! {
-        _ = written => {}
-        () = kill.cancelled() => {}
+        while index < chunks.len() && written >= chunks[index].len() - offset {
+            written -= chunks[index].len() - offset;
+            index += 1;
+            offset = 0;
+        }
+        offset += written;
     }
-    let (code, reason) = inbox
-        .close_reason()
-        .unwrap_or(CloseReason::Normal)
-        .close_frame();
-    let close = Message::Close(Some(CloseFrame {
-        code,
-        reason: reason.into(),
-    }));
+    Ok(())
+}
+
+/// Writes what is queued, at most once per `coalesce`, until the connection
+/// closes; then what is left (unless the reader was too slow) and the close frame.
+async fn write_loop(mut write_half: WriteHalf, inbox: Inbox, outbox: Outbox, coalesce: Duration) {
+    let kill = inbox.kill().clone();
+    let mut chunks = Vec::new();
+    let mut last_write: Option<Instant> = None;
+    loop {
+        inbox.ready().await;
+        if kill.is_cancelled() {
+            break;
+        }
+        if let Some(last) = last_write
+            && !coalesce.is_zero()
+        {
+            tokio::select! {
+                () = tokio::time::sleep_until(last + coalesce) => {}
+                () = kill.cancelled() => break,
+            }
+        }
+        inbox.take(&mut chunks);
+        if chunks.is_empty() {
+            continue;
+        }
+        let written = tokio::select! {
+            written = write_chunks(&mut write_half, &chunks) => written.is_ok(),
+            () = kill.cancelled() => break,
+        };
+        if !written {
+            outbox.close(CloseReason::Normal);
+            break;
+        }
+        chunks.clear();
+        if chunks.capacity() > 64 {
+            chunks = Vec::new();
+        }
+        last_write = Some(Instant::now());
+    }
+    let reason = inbox.close_reason().unwrap_or(CloseReason::Normal);
+    let (code, text) = reason.close_frame();
     let _ = tokio::time::timeout(CLOSE_GRACE, async {
-        sink.send(close).await?;
-        sink.close().await
+        if reason != CloseReason::SlowReader {
+            chunks.clear();
+            inbox.take(&mut chunks);
+            write_chunks(&mut write_half, &chunks).await?;
+        }
+        write_half.write_all(&ws::close_frame(code, text)).await?;
+        write_half.shutdown().await
     })
     .await;
 }

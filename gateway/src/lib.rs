@@ -7,29 +7,37 @@
 //! topics its own clients need and delivers every message to them in offset
 //! order, encoded once.
 //!
-//! Modules: [`config`] flags; [`server`] lifecycle; [`app`] routes; [`connection`]
-//! socket I/O; [`session`] protocol operations; [`state`] shared state and shared
-//! operations; [`hub`] local routing; [`topics`] the pub/sub connection; [`store`]
-//! Redis requests; [`history`] PostgreSQL reads; [`presence`] presence upkeep;
-//! [`outbox`] per-connection queues; [`names`] registered names; [`auth`], [`ratelimit`], [`metrics`], [`api`].
+//! Layers, each depending only on those below it:
+//! - lifecycle and HTTP: [`server`] (listeners, drain), [`app`] (routes),
+//!   [`connection`] (WebSocket upgrade and socket I/O), [`api`] (HTTP API);
+//! - operations: [`session`] (one client's protocol operations), [`state`]
+//!   (the shared gateway and operations both doors use), [`presence`] upkeep;
+//! - the delivery core: [`delivery`] (dispatchers and per-channel sequencers),
+//!   [`pubsub`] (the subscriber connection), [`outbox`] (per-connection queues),
+//!   [`ws`] (WebSocket framing);
+//! - backends and leaves: [`store`] (Redis), [`history`] (PostgreSQL),
+//!   [`epochs`], [`resp`], [`names`], [`auth`], [`ratelimit`], [`metrics`], [`config`].
 
 pub mod api;
 pub mod app;
 pub mod auth;
 pub mod config;
 pub mod connection;
+pub mod delivery;
+pub mod epochs;
 pub mod history;
-pub mod hub;
 pub mod metrics;
 pub mod names;
 pub mod outbox;
 pub mod presence;
+pub mod pubsub;
 pub mod ratelimit;
+pub mod resp;
 pub mod server;
 pub mod session;
 pub mod state;
 pub mod store;
-pub mod topics;
+pub mod ws;
 
 pub use config::Config;
 pub use server::{ServeError, run};

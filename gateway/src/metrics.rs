@@ -40,6 +40,11 @@ pub struct Metrics {
     pub redis_errors_total: Counter,
     /// Messages fetched from history to fill a gap in the live stream.
     pub gap_fills_total: Counter,
+    /// Offsets skipped because the history stream no longer had them.
+    pub lost_offsets_total: Counter,
+    /// Topic messages dropped at the intake because a dispatcher's queue was
+    /// full (their channels are then caught up from history).
+    pub intake_overflow_total: Counter,
 }
 
 impl Default for Metrics {
@@ -66,6 +71,8 @@ impl Metrics {
             slow_reader_disconnects_total: Counter::default(),
             redis_errors_total: Counter::default(),
             gap_fills_total: Counter::default(),
+            lost_offsets_total: Counter::default(),
+            intake_overflow_total: Counter::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -133,6 +140,16 @@ impl Metrics {
             "gap_fills",
             "Messages fetched from history to fill live gaps",
             metrics.gap_fills_total.clone(),
+        );
+        r.register(
+            "lost_offsets",
+            "Offsets skipped because the history stream no longer had them",
+            metrics.lost_offsets_total.clone(),
+        );
+        r.register(
+            "intake_overflow",
+            "Topic messages dropped at a full dispatcher queue and caught up from history",
+            metrics.intake_overflow_total.clone(),
         );
         Self {
             registry,

@@ -1,20 +1,23 @@
 //! The sending side of one WebSocket connection, and frames shared between many.
 //!
-//! A push is encoded at most once per encoding ([`SharedFrame`]) and the bytes
-//! are shared by every local recipient. Each connection has a bounded queue; a
-//! reader that lets it fill up is closed with 1008 rather than allowed to grow
-//! memory ([`Outbox::push`]).
+//! A push is encoded once per encoding into complete WebSocket frame bytes
+//! ([`SharedFrame`]), shared by every local recipient. A connection's queue is
+//! a short locked list of those byte chunks: queueing is a lock, a push and an
+//! unlock, and the writer is woken only when the queue goes from empty to not
+//! empty. The writer takes everything queued at once and writes it with one
+//! vectored write. The queue is bounded in frames; a reader that lets it fill
+//! up is closed with 1008 rather than allowed to grow memory ([`Outbox::push`]).
 
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
-use axum::extract::ws::{Message, Utf8Bytes};
-use tokio::sync::mpsc;
+use bytes::Bytes;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use chatcluster_protocol::codec::{self, Encoding};
 use chatcluster_protocol::frame::ServerFrame;
 
-use crate::metrics::Metrics;
+use crate::ws::{self, close_code};
 
 /// Identifies a connection within this process.
 pub type ConnId = u64;
@@ -30,6 +33,8 @@ pub enum CloseReason {
     BadFrames,
     /// A frame over the size limit (1009).
     TooLarge,
+    /// Bytes that are not acceptable WebSocket (1002, or 1007 for bad UTF-8).
+    Protocol(u16),
     /// Nothing received within the idle timeout (1001).
     Idle,
     /// The gateway is shutting down (1001).
@@ -40,35 +45,35 @@ impl CloseReason {
     /// The close code and reason text sent to the client.
     pub fn close_frame(self) -> (u16, &'static str) {
         match self {
-            Self::Normal => (1000, "bye"),
-            Self::SlowReader => (1008, "slow reader: outbound queue full"),
-            Self::BadFrames => (1008, "too many malformed frames"),
-            Self::TooLarge => (1009, "frame too large"),
-            Self::Idle => (1001, "idle timeout"),
-            Self::Shutdown => (1001, "server shutting down"),
+            Self::Normal => (close_code::NORMAL, "bye"),
+            Self::SlowReader => (close_code::POLICY, "slow reader: outbound queue full"),
+            Self::BadFrames => (close_code::POLICY, "too many malformed frames"),
+            Self::TooLarge => (close_code::TOO_BIG, "frame too large"),
+            Self::Protocol(code) => (code, "websocket protocol error"),
+            Self::Idle => (close_code::GOING_AWAY, "idle timeout"),
+            Self::Shutdown => (close_code::GOING_AWAY, "server shutting down"),
         }
     }
 }
 
-/// Encodes a frame for an encoding as the WebSocket message to send.
-pub fn ws_message(encoding: Encoding, frame: &ServerFrame) -> Message {
-    let bytes = codec::encode(encoding, frame);
-    match encoding {
-        // serde_json output is always valid UTF-8.
-        Encoding::Json => match Utf8Bytes::try_from(bytes) {
-            Ok(text) => Message::Text(text),
-            Err(_) => Message::Binary(codec::encode(encoding, frame)),
-        },
-        Encoding::MsgPack => Message::Binary(bytes),
-    }
+/// Encodes a server frame as a complete WebSocket frame in `encoding`.
+pub fn encode_frame(encoding: Encoding, frame: &ServerFrame) -> Bytes {
+    let mut buffer = ws::payload_buffer(256);
+    codec::encode_into(encoding, frame, &mut buffer);
+    let opcode = if encoding.is_binary() {
+        ws::opcode::BINARY
+    } else {
+        ws::opcode::TEXT
+    };
+    ws::frame_in_place(opcode, buffer)
 }
 
 /// A server frame encoded lazily, at most once per encoding.
 #[derive(Debug)]
 pub struct SharedFrame {
     frame: ServerFrame,
-    json: OnceLock<Message>,
-    msgpack: OnceLock<Message>,
+    json: OnceLock<Bytes>,
+    msgpack: OnceLock<Bytes>,
 }
 
 impl SharedFrame {
@@ -81,171 +86,178 @@ impl SharedFrame {
         })
     }
 
-    /// The message for `encoding`, encoding it on first use.
-    pub fn message(&self, encoding: Encoding) -> Message {
+    /// The frame.
+    pub fn frame(&self) -> &ServerFrame {
+        &self.frame
+    }
+
+    /// The WebSocket frame bytes for `encoding`, encoded on first use.
+    pub fn bytes(&self, encoding: Encoding) -> &Bytes {
         let cell = match encoding {
             Encoding::Json => &self.json,
             Encoding::MsgPack => &self.msgpack,
         };
-        cell.get_or_init(|| ws_message(encoding, &self.frame))
-            .clone()
+        cell.get_or_init(|| encode_frame(encoding, &self.frame))
     }
 }
 
-/// An entry of a connection's queue: a pointer-sized handle, so an idle
-/// connection's queue block stays small. Shared frames are encoded by the
-/// first writer that needs their encoding.
-#[derive(Debug)]
-pub enum Outgoing {
-    /// A frame shared with other recipients.
-    Shared(Arc<SharedFrame>),
-    /// A frame for this connection only (replies, pings).
-    Own(Box<Message>),
-}
-
-impl Outgoing {
-    /// The WebSocket message to write in `encoding`.
-    pub fn into_message(self, encoding: Encoding) -> Message {
-        match self {
-            Self::Shared(frame) => frame.message(encoding),
-            Self::Own(message) => *message,
-        }
-    }
+/// Frames waiting to be written.
+#[derive(Debug, Default)]
+struct Queue {
+    chunks: Vec<Bytes>,
+    frames: usize,
 }
 
 #[derive(Debug)]
-struct Control {
+struct Shared {
+    id: ConnId,
+    encoding: Encoding,
+    capacity: usize,
+    queue: Mutex<Queue>,
+    wake: Notify,
     kill: CancellationToken,
     reason: OnceLock<CloseReason>,
 }
 
+impl Shared {
+    fn queue(&self) -> MutexGuard<'_, Queue> {
+        // The queue holds plain data: a panic elsewhere leaves it usable.
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
 /// Sending side of one connection: cheap to clone, safe to use from any task.
 #[derive(Debug, Clone)]
-pub struct Outbox {
-    id: ConnId,
-    encoding: Encoding,
-    tx: mpsc::Sender<Outgoing>,
-    control: Arc<Control>,
-    metrics: Arc<Metrics>,
-}
+pub struct Outbox(Arc<Shared>);
 
 /// The receiving side, owned by the connection's writer.
 #[derive(Debug)]
-pub struct Inbox {
-    /// Frames to write.
-    pub rx: mpsc::Receiver<Outgoing>,
-    /// The connection's encoding.
-    pub encoding: Encoding,
-    /// Cancelled when the connection must close.
-    pub kill: CancellationToken,
-    control: Arc<Control>,
-}
+pub struct Inbox(Arc<Shared>);
 
-impl Inbox {
-    /// Why the connection is being closed, once it is.
-    pub fn close_reason(&self) -> Option<CloseReason> {
-        self.control.reason.get().copied()
-    }
+/// What [`Outbox::push`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pushed {
+    /// Queued.
+    Queued,
+    /// The queue was full: the connection is being closed as a slow reader
+    /// (reported once, by the push that found it full).
+    Overflowed,
+    /// The connection is closing; nothing was queued.
+    Closed,
 }
 
 impl Outbox {
     /// A connection's outbox and inbox with room for `capacity` frames.
-    pub fn channel(
-        id: ConnId,
-        encoding: Encoding,
-        capacity: usize,
-        metrics: Arc<Metrics>,
-    ) -> (Self, Inbox) {
-        let (tx, rx) = mpsc::channel(capacity);
-        let control = Arc::new(Control {
+    pub fn channel(id: ConnId, encoding: Encoding, capacity: usize) -> (Self, Inbox) {
+        let shared = Arc::new(Shared {
+            id,
+            encoding,
+            capacity: capacity.max(1),
+            queue: Mutex::new(Queue::default()),
+            wake: Notify::new(),
             kill: CancellationToken::new(),
             reason: OnceLock::new(),
         });
-        let inbox = Inbox {
-            rx,
-            encoding,
-            kill: control.kill.clone(),
-            control: control.clone(),
-        };
-        (
-            Self {
-                id,
-                encoding,
-                tx,
-                control,
-                metrics,
-            },
-            inbox,
-        )
+        (Self(shared.clone()), Inbox(shared))
     }
 
     /// The connection id.
     pub fn id(&self) -> ConnId {
-        self.id
+        self.0.id
     }
 
     /// The connection's encoding.
     pub fn encoding(&self) -> Encoding {
-        self.encoding
+        self.0.encoding
     }
 
-    /// Queues a message for this connection only; a full queue closes the
-    /// connection as a slow reader. Returns whether the message was queued.
-    pub fn push(&self, message: Message) -> bool {
-        self.enqueue(Outgoing::Own(Box::new(message)))
-    }
-
-    fn enqueue(&self, outgoing: Outgoing) -> bool {
-        match self.tx.try_send(outgoing) {
-            Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                if self.close(CloseReason::SlowReader) {
-                    self.metrics.slow_reader_disconnects_total.inc();
-                }
-                false
+    /// Queues `bytes` holding `frames` complete WebSocket frames. A full queue
+    /// closes the connection as a slow reader.
+    pub fn push(&self, bytes: Bytes, frames: usize) -> Pushed {
+        if self.0.kill.is_cancelled() {
+            return Pushed::Closed;
+        }
+        let was_empty = {
+            let mut queue = self.0.queue();
+            if queue.frames + frames > self.0.capacity {
+                drop(queue);
+                return if self.close(CloseReason::SlowReader) {
+                    Pushed::Overflowed
+                } else {
+                    Pushed::Closed
+                };
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
+            queue.frames += frames;
+            queue.chunks.push(bytes);
+            queue.chunks.len() == 1
+        };
+        if was_empty {
+            self.0.wake.notify_one();
         }
+        Pushed::Queued
     }
 
-    /// Queues a shared frame (encoded in this connection's encoding when written).
-    pub fn push_shared(&self, frame: &Arc<SharedFrame>) -> bool {
-        let queued = self.enqueue(Outgoing::Shared(frame.clone()));
-        if queued {
-            self.metrics.messages_out_total.inc();
-        }
-        queued
+    /// Queues a shared frame in this connection's encoding.
+    pub fn push_shared(&self, frame: &SharedFrame) -> Pushed {
+        self.push(frame.bytes(self.0.encoding).clone(), 1)
     }
 
-    /// Queues a frame for this connection only.
-    pub fn push_frame(&self, frame: &ServerFrame) -> bool {
-        self.push(ws_message(self.encoding, frame))
+    /// Encodes and queues a frame for this connection only.
+    pub fn push_frame(&self, frame: &ServerFrame) -> Pushed {
+        self.push(encode_frame(self.0.encoding, frame), 1)
     }
 
     /// Asks the connection to close; the first reason wins. Returns whether
     /// this call set the reason.
     pub fn close(&self, reason: CloseReason) -> bool {
-        let first = self.control.reason.set(reason).is_ok();
-        self.control.kill.cancel();
+        let first = self.0.reason.set(reason).is_ok();
+        self.0.kill.cancel();
         first
     }
 
     /// Resolves once the connection was asked to close.
     pub async fn closed(&self) {
-        self.control.kill.cancelled().await;
+        self.0.kill.cancelled().await;
     }
 
     /// Whether the connection was asked to close.
     pub fn is_closed(&self) -> bool {
-        self.control.kill.is_cancelled()
+        self.0.kill.is_cancelled()
+    }
+}
+
+impl Inbox {
+    /// Waits until something is queued (or the connection is closing).
+    pub async fn ready(&self) {
+        tokio::select! {
+            () = self.0.wake.notified() => {}
+            () = self.0.kill.cancelled() => {}
+        }
+    }
+
+    /// Moves everything queued into `into` (which must be empty); returns the
+    /// number of frames moved.
+    pub fn take(&self, into: &mut Vec<Bytes>) -> usize {
+        let mut queue = self.0.queue();
+        std::mem::swap(&mut queue.chunks, into);
+        std::mem::take(&mut queue.frames)
+    }
+
+    /// Cancelled when the connection must close.
+    pub fn kill(&self) -> &CancellationToken {
+        &self.0.kill
+    }
+
+    /// Why the connection is being closed, once it is.
+    pub fn close_reason(&self) -> Option<CloseReason> {
+        self.0.reason.get().copied()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use chatcluster_protocol::frame::Empty;
-    use chatcluster_protocol::frame::ReplyData;
+    use chatcluster_protocol::frame::{Empty, ReplyData};
 
     fn pong() -> ServerFrame {
         ServerFrame::Ok {
@@ -257,35 +269,67 @@ mod tests {
 
     #[test]
     fn full_queue_closes_as_slow_reader_once() {
-        let metrics = Arc::new(Metrics::new());
-        let (outbox, inbox) = Outbox::channel(1, Encoding::Json, 2, metrics.clone());
+        let (outbox, inbox) = Outbox::channel(1, Encoding::Json, 2);
         let frame = SharedFrame::new(pong());
-        assert!(outbox.push_shared(&frame));
-        assert!(outbox.push_shared(&frame));
-        assert!(!outbox.push_shared(&frame));
-        assert!(!outbox.push_shared(&frame));
+        assert_eq!(outbox.push_shared(&frame), Pushed::Queued);
+        assert_eq!(outbox.push_shared(&frame), Pushed::Queued);
+        assert_eq!(outbox.push_shared(&frame), Pushed::Overflowed);
+        assert_eq!(outbox.push_shared(&frame), Pushed::Closed);
         assert!(outbox.is_closed());
         assert_eq!(inbox.close_reason(), Some(CloseReason::SlowReader));
-        assert_eq!(metrics.slow_reader_disconnects_total.get(), 1);
-        assert_eq!(metrics.messages_out_total.get(), 2);
     }
 
     #[test]
-    fn shared_frames_encode_once_per_encoding() {
+    fn the_writer_takes_everything_queued_at_once() {
+        let (outbox, inbox) = Outbox::channel(1, Encoding::Json, 10);
         let frame = SharedFrame::new(pong());
-        let (Message::Text(a), Message::Text(b)) =
-            (frame.message(Encoding::Json), frame.message(Encoding::Json))
-        else {
-            panic!("json frames are text");
-        };
+        for _ in 0..3 {
+            outbox.push_shared(&frame);
+        }
+        let mut chunks = Vec::new();
+        assert_eq!(inbox.take(&mut chunks), 3);
+        assert_eq!(chunks.len(), 3);
+        let mut again = Vec::new();
+        assert_eq!(inbox.take(&mut again), 0, "the queue is empty after a take");
+        assert!(again.is_empty());
+        // Room again after the take: the bound is on frames not yet taken.
+        for _ in 0..10 {
+            assert_eq!(outbox.push_shared(&frame), Pushed::Queued);
+        }
+    }
+
+    #[test]
+    fn shared_frames_encode_once_per_encoding_as_complete_websocket_frames() {
+        let frame = SharedFrame::new(pong());
+        let json = frame.bytes(Encoding::Json).clone();
         assert_eq!(
-            a.as_str().as_ptr(),
-            b.as_str().as_ptr(),
+            json.as_ptr(),
+            frame.bytes(Encoding::Json).as_ptr(),
             "same bytes shared"
         );
-        assert!(matches!(
-            frame.message(Encoding::MsgPack),
-            Message::Binary(_)
-        ));
+        assert_eq!(json[0], 0x81, "final text frame");
+        let body: serde_json::Value = serde_json::from_slice(&json[2..]).unwrap();
+        assert_eq!(body["type"], "ok");
+        let msgpack = frame.bytes(Encoding::MsgPack);
+        assert_eq!(msgpack[0], 0x82, "final binary frame");
+    }
+
+    #[tokio::test]
+    async fn the_writer_wakes_once_per_empty_to_full_transition() {
+        let (outbox, inbox) = Outbox::channel(1, Encoding::Json, 10);
+        let frame = SharedFrame::new(pong());
+        outbox.push_shared(&frame);
+        outbox.push_shared(&frame);
+        tokio::time::timeout(std::time::Duration::from_secs(1), inbox.ready())
+            .await
+            .expect("woken by the first push");
+        let mut chunks = Vec::new();
+        inbox.take(&mut chunks);
+        assert!(
+            tokio::time::timeout(std::time::Duration::from_millis(20), inbox.ready())
+                .await
+                .is_err(),
+            "no stale wake-up once drained"
+        );
     }
 }

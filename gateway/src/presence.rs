@@ -28,13 +28,13 @@ pub async fn run(gateway: Arc<Gateway>, stop: CancellationToken) {
 }
 
 async fn upkeep(gateway: &Arc<Gateway>) {
-    let channels = gateway.hub.presence_members();
+    let channels = gateway.delivery.presence_members().await;
     let entries: Vec<(&str, Arc<str>, Arc<str>)> = channels
         .iter()
         .flat_map(|(channel, members)| {
             members
                 .iter()
-                .map(|(m, u)| (channel.as_str(), m.clone(), u.clone()))
+                .map(|(m, u)| (&**channel, m.clone(), u.clone()))
         })
         .collect();
     futures_util::stream::iter(entries)

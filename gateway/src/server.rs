@@ -1,6 +1,10 @@
 //! Process lifecycle: build the shared state, listen (Unix socket or TCP, plus
 //! the admin address), run background tasks, and shut down gracefully.
 //!
+//! HTTP is served by hyper directly (HTTP/1.1 with upgrades), so an upgraded
+//! WebSocket hands back the very Unix or TCP stream it arrived on and the
+//! connection writes to it without any wrapper in between.
+//!
 //! Shutdown: readiness fails and the listener closes at once (HAProxy's health
 //! check sees the socket gone and sends new clients to other processes), open
 //! connections get up to `DRAIN_TIMEOUT` to leave on their own, then the rest
@@ -12,35 +16,33 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::Router;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
 use tokio_util::sync::CancellationToken;
 
 use crate::app;
 use crate::config::Config;
-use crate::history::HistoryError;
-use crate::state::Gateway;
-use crate::store::StoreError;
+use crate::state::{Gateway, StartError};
 
 /// How often Redis is pinged for readiness.
 const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
 /// How long closing connections may take after the drain.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a client may take to send its request headers.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Pause after a failed accept (such as running out of file descriptors).
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    /// Invalid flag combination.
-    #[error("invalid configuration: {0}")]
-    Config(String),
-    /// Invalid Redis URL.
-    #[error("invalid REDIS_URL: {0}")]
-    RedisUrl(#[source] redis::RedisError),
-    /// Redis client setup failed.
-    #[error("redis setup: {0}")]
-    Store(#[from] StoreError),
-    /// Invalid DATABASE_URL.
-    #[error("invalid DATABASE_URL: {0}")]
-    Database(#[from] HistoryError),
+    /// The shared state could not be built.
+    #[error(transparent)]
+    Start(#[from] StartError),
     /// A listener could not be set up.
     #[error("cannot listen on {what}: {source}")]
     Listen {
@@ -89,6 +91,71 @@ fn bind_unix(path: &Path) -> Result<(UnixListener, SocketFile), ServeError> {
     Ok((listener, guard))
 }
 
+/// A listening socket of either kind.
+enum Listener {
+    Unix(UnixListener),
+    Tcp(TcpListener),
+}
+
+/// Serves `router` on `listener` until `stop`: each connection is HTTP/1.1
+/// with upgrades; a connection still open at `stop` finishes its request.
+async fn serve(listener: Listener, router: Router, stop: CancellationToken) {
+    loop {
+        let accepted = tokio::select! {
+            () = stop.cancelled() => return,
+            accepted = accept(&listener) => accepted,
+        };
+        match accepted {
+            Ok(Accepted::Unix(stream)) => spawn_http(TokioIo::new(stream), &router, &stop),
+            Ok(Accepted::Tcp(stream)) => spawn_http(TokioIo::new(stream), &router, &stop),
+            Err(error) => {
+                tracing::warn!(%error, "accept failed");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+            }
+        }
+    }
+}
+
+enum Accepted {
+    Unix(tokio::net::UnixStream),
+    Tcp(tokio::net::TcpStream),
+}
+
+async fn accept(listener: &Listener) -> std::io::Result<Accepted> {
+    Ok(match listener {
+        Listener::Unix(listener) => Accepted::Unix(listener.accept().await?.0),
+        Listener::Tcp(listener) => {
+            let (stream, _) = listener.accept().await?;
+            // Chat frames are small and latency-bound.
+            stream.set_nodelay(true)?;
+            Accepted::Tcp(stream)
+        }
+    })
+}
+
+fn spawn_http<I>(io: TokioIo<I>, router: &Router, stop: &CancellationToken)
+where
+    I: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let service = TowerToHyperService::new(router.clone());
+    let stop = stop.clone();
+    tokio::spawn(async move {
+        let connection = http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_TIMEOUT)
+            .serve_connection(io, service)
+            .with_upgrades();
+        tokio::pin!(connection);
+        tokio::select! {
+            _ = connection.as_mut() => {}
+            () = stop.cancelled() => {
+                connection.as_mut().graceful_shutdown();
+                let _ = tokio::time::timeout(CLOSE_TIMEOUT, connection).await;
+            }
+        }
+    });
+}
+
 /// Builds the gateway state and starts its background tasks.
 fn build(config: Config, background: &CancellationToken) -> Result<Arc<Gateway>, ServeError> {
     let gateway = Gateway::start(config, background)?;
@@ -121,40 +188,32 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let stop_accepting = CancellationToken::new();
 
     let mut socket_file = None;
-    let public = app::app(gateway.clone());
-    let server = if let Some(path) = &config.socket_path {
+    let listener = if let Some(path) = &config.socket_path {
         let (listener, guard) = bind_unix(path)?;
         socket_file = Some(guard);
         tracing::info!(path = %path.display(), instance = %gateway.instance, "listening on unix socket");
-        let stop = stop_accepting.clone();
-        tokio::spawn(async move {
-            axum::serve(listener, public)
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await
-        })
+        Listener::Unix(listener)
     } else {
         let listener = TcpListener::bind(config.listen_addr)
             .await
             .map_err(listen_error(config.listen_addr))?;
         tracing::info!(addr = %config.listen_addr, instance = %gateway.instance, "listening on tcp");
-        let stop = stop_accepting.clone();
-        tokio::spawn(async move {
-            axum::serve(listener, public)
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await
-        })
+        Listener::Tcp(listener)
     };
+    let server = tokio::spawn(serve(
+        listener,
+        app::app(gateway.clone()),
+        stop_accepting.clone(),
+    ));
     let admin = match config.admin_addr {
         Some(addr) => {
             let listener = TcpListener::bind(addr).await.map_err(listen_error(addr))?;
             tracing::info!(%addr, "admin endpoints listening");
-            let stop = background.clone();
-            let admin = app::admin_app(gateway.clone());
-            Some(tokio::spawn(async move {
-                axum::serve(listener, admin)
-                    .with_graceful_shutdown(stop.cancelled_owned())
-                    .await
-            }))
+            Some(tokio::spawn(serve(
+                Listener::Tcp(listener),
+                app::admin_app(gateway.clone()),
+                background.clone(),
+            )))
         }
         None => None,
     };

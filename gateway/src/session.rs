@@ -1,5 +1,10 @@
 //! One client's session: its identity, subscriptions and rate limit, and the
 //! handling of every protocol operation.
+//!
+//! A `subscribe` is answered by the channel's sequencer (see
+//! [`crate::delivery`]), which queues the reply itself so that it comes before
+//! every push above the reply's offset; every other reply is queued by the
+//! connection from what [`Session::handle`] returns.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -7,35 +12,23 @@ use std::sync::Arc;
 use chatcluster_protocol::entry::StoredDirect;
 use chatcluster_protocol::frame::{
     ChannelOnly, ChannelReply, ChannelsReply, DirectReply, Empty, ErrorCode, HistoryReply,
-    LoginReply, Op, PresenceChange, PresenceReply, ReplyData, Request, ServerFrame, Since,
-    SubscribeReply, UsersReply,
+    LoginReply, Op, PresenceChange, PresenceReply, ReplyData, Request, RequestId, ServerFrame,
+    Since, UsersReply,
 };
-use chatcluster_protocol::{keys, validate};
+use chatcluster_protocol::validate;
 
 use crate::auth::Identity;
 use crate::config::AuthMode;
-use crate::history::HistoryError;
-use crate::hub::PresenceMember;
+use crate::delivery::sequencer::{PresenceMember, ReplyContext};
 use crate::outbox::Outbox;
 use crate::ratelimit::TokenBucket;
 use crate::state::{Gateway, OpError};
 use crate::store::Registry;
 
-/// Work to do once a reply is queued: a subscriber switches from buffering to live.
-#[derive(Debug)]
-pub struct Activation {
-    channel: String,
-    epoch: String,
-    offset: u64,
-}
-
-/// A reply and what to do once it is queued.
-#[derive(Debug)]
-pub struct Outcome {
-    /// The reply frame.
-    pub reply: ServerFrame,
-    /// Set by a successful `subscribe`.
-    pub activation: Option<Activation>,
+/// What an operation produced: reply data, or a reply already queued.
+enum Done {
+    Reply(ReplyData),
+    Queued,
 }
 
 /// State of one connection's session.
@@ -80,8 +73,9 @@ impl Session {
         Ok(session)
     }
 
-    /// Handles one request.
-    pub async fn handle(&mut self, request: Request) -> Outcome {
+    /// Handles one request; returns the reply to queue, or `None` when the
+    /// reply is already queued (a successful `subscribe`).
+    pub async fn handle(&mut self, request: Request) -> Option<ServerFrame> {
         let clock = self.gateway.clock.tick(request.clock);
         let op_name = request.op.name();
         self.gateway
@@ -89,66 +83,52 @@ impl Session {
             .requests_total
             .get_or_create(&[("op", op_name)])
             .inc();
-        let mut activation = None;
+        let id = request.id;
         let result = match request.op {
-            Op::Login { user } => self.login(user).await,
+            Op::Login { user } => self.login(user).await.map(Done::Reply),
             Op::Users => self
                 .list(Registry::Users)
                 .await
-                .map(|users| ReplyData::Users(UsersReply { users })),
-            Op::Channel { channel } => self.create_channel(channel).await,
+                .map(|users| Done::Reply(ReplyData::Users(UsersReply { users }))),
+            Op::Channel { channel } => self.create_channel(channel).await.map(Done::Reply),
             Op::Channels => self
                 .list(Registry::Channels)
                 .await
-                .map(|channels| ReplyData::Channels(ChannelsReply { channels })),
-            Op::Subscribe { channel, since } => {
-                self.subscribe(channel, since).await.map(|(reply, next)| {
-                    activation = Some(next);
-                    reply
-                })
+                .map(|channels| Done::Reply(ReplyData::Channels(ChannelsReply { channels }))),
+            Op::Subscribe { channel, since } => self
+                .subscribe(channel, since, (id.clone(), clock))
+                .await
+                .map(|()| Done::Queued),
+            Op::Unsubscribe { channel } => self.unsubscribe(channel).await.map(Done::Reply),
+            Op::Publish { channel, text } => {
+                self.publish(channel, text, clock).await.map(Done::Reply)
             }
-            Op::Unsubscribe { channel } => self.unsubscribe(channel).await,
-            Op::Publish { channel, text } => self.publish(channel, text, clock).await,
-            Op::Message { to, text } => self.direct(to, text, clock).await,
-            Op::Presence { channel } => self.presence(channel).await,
+            Op::Message { to, text } => self.direct(to, text, clock).await.map(Done::Reply),
+            Op::Presence { channel } => self.presence(channel).await.map(Done::Reply),
             Op::History {
                 channel,
                 before,
                 limit,
-            } => self.history(channel, before, limit).await,
-            Op::Ping => Ok(ReplyData::Pong(Empty {})),
+            } => self.history(channel, before, limit).await.map(Done::Reply),
+            Op::Ping => Ok(Done::Reply(ReplyData::Pong(Empty {}))),
         };
-        let reply = match result {
-            Ok(data) => ServerFrame::Ok {
-                id: request.id,
-                clock,
-                data,
-            },
+        match result {
+            Ok(Done::Reply(data)) => Some(ServerFrame::Ok { id, clock, data }),
+            Ok(Done::Queued) => None,
             Err(error) => {
                 self.gateway
                     .metrics
                     .errors_total
                     .get_or_create(&[("code", error.code.as_str())])
                     .inc();
-                ServerFrame::Error {
-                    id: request.id,
+                Some(ServerFrame::Error {
+                    id,
                     clock,
                     code: error.code,
                     message: error.message,
-                }
+                })
             }
-        };
-        Outcome { reply, activation }
-    }
-
-    /// Switches a new subscriber from buffering to live delivery (its reply is queued).
-    pub fn activate(&self, activation: Activation) {
-        self.gateway.hub.activate(
-            &activation.channel,
-            self.outbox.id(),
-            &activation.epoch,
-            activation.offset,
-        );
+        }
     }
 
     fn user(&self) -> Result<&Identity, OpError> {
@@ -196,11 +176,21 @@ impl Session {
     async fn bind(&mut self, identity: Identity) -> Result<(), OpError> {
         let gateway = self.gateway.clone();
         gateway.ensure_user(&identity.user).await?;
-        gateway
-            .topics
-            .acquire(keys::user_topic(&identity.user))
-            .await?;
-        gateway.hub.add_user(&identity.user, self.outbox.clone());
+        if let Err(error) = gateway
+            .delivery
+            .online(&identity.user, self.outbox.clone())
+            .await
+        {
+            tracing::warn!(user = %identity.user, %error, "direct-message topic not subscribed");
+            gateway
+                .delivery
+                .offline(&identity.user, self.outbox.id())
+                .await;
+            return Err(OpError::new(
+                ErrorCode::Unavailable,
+                "message store unavailable, retry later",
+            ));
+        }
         let member = format!(
             "{}/{}/{}",
             identity.user,
@@ -246,11 +236,14 @@ impl Session {
         Ok(ReplyData::Channel(ChannelReply { channel, created }))
     }
 
+    /// Joins presence, then asks the channel's sequencer for the subscription;
+    /// the sequencer queues the reply.
     async fn subscribe(
         &mut self,
         channel: String,
         since: Option<Since>,
-    ) -> Result<(ReplyData, Activation), OpError> {
+        (id, clock): (Option<RequestId>, u64),
+    ) -> Result<(), OpError> {
         self.check_channel(&channel)?;
         if self.subscriptions.contains(&channel) {
             return Err(OpError::new(
@@ -269,90 +262,44 @@ impl Session {
         }
         let gateway = self.gateway.clone();
         gateway.ensure_channel(&channel).await?;
-        let Some(presence) = self.presence.clone() else {
+        let Some((member, user)) = self.presence.clone() else {
             return Err(not_logged_in());
         };
-        let limit = gateway.config.outbound_queue as usize;
-        gateway
-            .hub
-            .add_member(&channel, self.outbox.clone(), presence.clone(), limit);
-        let topic = keys::channel_topic(&channel);
-        if let Err(error) = gateway.topics.acquire(topic.clone()).await {
-            gateway.hub.remove_member(&channel, self.outbox.id());
-            return Err(error.into());
+        if gateway
+            .store
+            .presence_join(&channel, &member, &user)
+            .await?
+        {
+            gateway
+                .announce(&channel, &user, PresenceChange::Join)
+                .await;
         }
-        match self.catch_up(&channel, since, &presence).await {
-            Ok(result) => {
+        let joined = async {
+            let presence = gateway.store.presence_users(&channel).await?;
+            let reply = ReplyContext {
+                id,
+                clock,
+                presence,
+            };
+            let outbox = self.outbox.clone();
+            gateway
+                .delivery
+                .join(&channel, outbox, (member, user), since, reply)
+                .await
+                .map_err(OpError::from)
+        }
+        .await;
+        match joined {
+            Ok(_) => {
+                gateway.metrics.subscriptions.inc();
                 self.subscriptions.insert(channel);
-                Ok(result)
+                Ok(())
             }
             Err(error) => {
-                gateway.hub.remove_member(&channel, self.outbox.id());
-                gateway.topics.release(topic).await;
+                self.leave_presence(&channel).await;
                 Err(error)
             }
         }
-    }
-
-    /// Reads the channel's position and what the client missed, and joins presence.
-    async fn catch_up(
-        &self,
-        channel: &str,
-        since: Option<Since>,
-        (member, user): &PresenceMember,
-    ) -> Result<(ReplyData, Activation), OpError> {
-        let gateway = &self.gateway;
-        let position = gateway.position(channel).await?;
-        let (recovered, missed) = match since {
-            Some(since) if since.epoch == position.epoch && since.offset <= position.top => {
-                let missed = gateway
-                    .store
-                    .history_range(
-                        channel,
-                        since.offset + 1,
-                        None,
-                        gateway.config.history_size as usize,
-                    )
-                    .await?;
-                // Recovered only when `missed` runs from right after `since` up
-                // to at least the channel's top: nothing trimmed at either end.
-                let complete = match (missed.first(), missed.last()) {
-                    (Some(first), Some(last)) => {
-                        first.offset == since.offset + 1 && last.offset >= position.top
-                    }
-                    _ => since.offset == position.top,
-                };
-                if complete {
-                    (true, missed)
-                } else {
-                    (false, Vec::new())
-                }
-            }
-            _ => (false, Vec::new()),
-        };
-        let offset = missed
-            .last()
-            .map_or(position.top, |m| m.offset.max(position.top));
-        if gateway.store.presence_join(channel, member, user).await? {
-            gateway.announce(channel, user, PresenceChange::Join).await;
-        }
-        let presence = gateway.store.presence_users(channel).await?;
-        let reply = ReplyData::Subscribe(SubscribeReply {
-            channel: channel.to_owned(),
-            epoch: position.epoch.clone(),
-            offset,
-            presence,
-            recovered,
-            missed,
-        });
-        Ok((
-            reply,
-            Activation {
-                channel: channel.to_owned(),
-                epoch: position.epoch,
-                offset,
-            },
-        ))
     }
 
     async fn unsubscribe(&mut self, channel: String) -> Result<ReplyData, OpError> {
@@ -367,11 +314,18 @@ impl Session {
         Ok(ReplyData::Unsubscribe(ChannelOnly { channel }))
     }
 
-    /// Removes the subscription locally, releases the topic and leaves presence.
+    /// Removes the subscription and leaves presence.
     async fn leave(&self, channel: &str) {
         let gateway = &self.gateway;
-        gateway.hub.remove_member(channel, self.outbox.id());
-        gateway.topics.release(keys::channel_topic(channel)).await;
+        gateway.delivery.leave(channel, self.outbox.id()).await;
+        gateway.metrics.subscriptions.dec();
+        self.leave_presence(channel).await;
+    }
+
+    /// Removes this connection's presence member, announcing the user's leave
+    /// when it was the user's last connection in the channel.
+    async fn leave_presence(&self, channel: &str) {
+        let gateway = &self.gateway;
         if let Some((member, user)) = &self.presence {
             match gateway.store.presence_leave(channel, member, user).await {
                 Ok(true) => gateway.announce(channel, user, PresenceChange::Leave).await,
@@ -433,7 +387,7 @@ impl Session {
     ) -> Result<ReplyData, OpError> {
         self.check_readable(&channel)?;
         let limit = validate::history_limit(limit)?;
-        let messages = read_history(&self.gateway, &channel, before, limit).await?;
+        let messages = self.gateway.read_history(&channel, before, limit).await?;
         Ok(ReplyData::History(HistoryReply { channel, messages }))
     }
 
@@ -444,31 +398,9 @@ impl Session {
         }
         if let Some(identity) = &self.identity {
             self.gateway
-                .hub
-                .remove_user(&identity.user, self.outbox.id());
-            self.gateway
-                .topics
-                .release(keys::user_topic(&identity.user))
+                .delivery
+                .offline(&identity.user, self.outbox.id())
                 .await;
         }
-    }
-}
-
-/// A page of a channel's permanent history. `not_found` for a channel that
-/// neither Redis nor PostgreSQL knows (PostgreSQL still has the history of a
-/// channel a wiped Redis forgot).
-pub async fn read_history(
-    gateway: &Gateway,
-    channel: &str,
-    before: Option<u64>,
-    limit: u32,
-) -> Result<Vec<chatcluster_protocol::frame::ChannelMessage>, OpError> {
-    let known = gateway.store.exists(Registry::Channels, channel).await?;
-    let not_found = || OpError::new(ErrorCode::NotFound, format!("no channel {channel:?}"));
-    match gateway.history.page(channel, before, limit).await {
-        Ok(messages) if known || !messages.is_empty() => Ok(messages),
-        Ok(_) | Err(HistoryError::NotConfigured) if !known => Err(not_found()),
-        Ok(messages) => Ok(messages),
-        Err(error) => Err(error.into()),
     }
 }

@@ -5,23 +5,29 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
+use bytes::Bytes;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use chatcluster_protocol::LamportClock;
 use chatcluster_protocol::entry::StoredMessage;
-use chatcluster_protocol::frame::{ErrorCode, PresenceChange, PresenceEvent, PublishReply};
+use chatcluster_protocol::frame::{
+    ChannelMessage, ErrorCode, PresenceChange, PresenceEvent, PublishReply,
+};
 use chatcluster_protocol::validate::ValidationError;
 
 use crate::auth::Authenticator;
 use crate::config::Config;
+use crate::delivery::Delivery;
+use crate::delivery::dispatcher::Context;
+use crate::delivery::sequencer::JoinError;
+use crate::epochs::{self, EpochError};
 use crate::history::{History, HistoryError};
-use crate::hub::Hub;
 use crate::metrics::Metrics;
-use crate::server::ServeError;
-use crate::store::{Position, Registry, Store, StoreError, StoreSettings};
-use crate::topics::{TopicError, Topics};
+use crate::names::KnownNames;
+use crate::pubsub::{Endpoint, Inbound, PubSub, PubSubError, PubSubSettings};
+use crate::store::{Registry, Store, StoreError, StoreSettings};
 
 /// An operation that failed, as the client will see it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -59,14 +65,39 @@ impl From<StoreError> for OpError {
     }
 }
 
-impl From<TopicError> for OpError {
-    fn from(error: TopicError) -> Self {
-        tracing::warn!(%error, "pub/sub request failed");
-        Self::new(
-            ErrorCode::Unavailable,
-            "message store unavailable, retry later",
-        )
+impl From<JoinError> for OpError {
+    fn from(error: JoinError) -> Self {
+        Self::new(error.code, error.message)
     }
+}
+
+impl From<EpochError> for OpError {
+    fn from(error: EpochError) -> Self {
+        match error {
+            EpochError::Store(e) => e.into(),
+            EpochError::History(e) => e.into(),
+        }
+    }
+}
+
+/// Why a gateway could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Invalid flag combination.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// Invalid Redis URL.
+    #[error("invalid REDIS_URL: {0}")]
+    RedisUrl(#[source] redis::RedisError),
+    /// Redis client setup failed.
+    #[error("redis setup: {0}")]
+    Store(#[from] StoreError),
+    /// The subscriber connection cannot be set up for this URL.
+    #[error("redis pub/sub setup: {0}")]
+    PubSub(#[from] PubSubError),
+    /// Invalid DATABASE_URL.
+    #[error("invalid DATABASE_URL: {0}")]
+    Database(#[from] HistoryError),
 }
 
 impl From<HistoryError> for OpError {
@@ -95,10 +126,12 @@ pub struct Gateway {
     pub store: Store,
     /// PostgreSQL history reads.
     pub history: History,
-    /// Local routing.
-    pub hub: Arc<Hub>,
-    /// Pub/sub subscriptions.
-    pub topics: Topics,
+    /// The delivery core.
+    pub delivery: Delivery,
+    /// The subscriber connection.
+    pub pubsub: PubSub,
+    /// Names known to be registered in Redis.
+    pub names: Arc<KnownNames>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
     /// Lamport clock.
@@ -118,16 +151,18 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    /// Builds the shared state from the configuration and starts the pub/sub
-    /// task, which stops when `background` is cancelled.
-    pub fn start(config: Config, background: &CancellationToken) -> Result<Arc<Self>, ServeError> {
-        config.validate().map_err(ServeError::Config)?;
+    /// Builds the shared state from the configuration and starts the
+    /// delivery core and the subscriber connection, which stop when
+    /// `background` is cancelled.
+    pub fn start(config: Config, background: &CancellationToken) -> Result<Arc<Self>, StartError> {
+        config.validate().map_err(StartError::Config)?;
         let client =
-            redis::Client::open(config.redis_url.as_str()).map_err(ServeError::RedisUrl)?;
+            redis::Client::open(config.redis_url.as_str()).map_err(StartError::RedisUrl)?;
+        let endpoint = Endpoint::of(&client)?;
         let metrics = Arc::new(Metrics::new());
         let clock = Arc::new(LamportClock::new());
         let store = Store::new(
-            client.clone(),
+            client,
             StoreSettings {
                 shards: config.stream_shards,
                 history_size: config.history_size,
@@ -137,14 +172,33 @@ impl Gateway {
             },
         )?;
         let history = History::new(config.database_url.as_deref(), config.backend_timeout)?;
-        let hub = Arc::new(Hub::new(store.clone(), clock.clone(), metrics.clone()));
-        let topics = Topics::start(
-            client,
-            hub.clone(),
+        let (pubsub, subscriber) = PubSub::new(
+            endpoint,
+            PubSubSettings {
+                timeout: config.backend_timeout,
+                ping_interval: config.pubsub_ping_interval,
+            },
             metrics.clone(),
-            config.backend_timeout,
-            background.clone(),
         );
+        let delivery = Delivery::start(
+            config.dispatchers(),
+            Context {
+                store: store.clone(),
+                history: history.clone(),
+                pubsub: pubsub.clone(),
+                clock: clock.clone(),
+                metrics: metrics.clone(),
+                keep_limit: config.outbound_queue as usize,
+                linger: config.topic_linger,
+            },
+        );
+        let names = Arc::new(KnownNames::default());
+        let intake = Intake {
+            delivery: delivery.clone(),
+            names: names.clone(),
+            store: store.clone(),
+        };
+        subscriber.spawn(Arc::new(intake), background.clone());
         Ok(Arc::new(Self {
             instance: config.instance(),
             auth: Authenticator::new(config.auth_mode, config.jwt_secret.as_deref()),
@@ -152,8 +206,9 @@ impl Gateway {
             config,
             store,
             history,
-            hub,
-            topics,
+            delivery,
+            pubsub,
+            names,
             metrics,
             clock,
             connections: TaskTracker::new(),
@@ -177,57 +232,39 @@ impl Gateway {
     /// Ready: Redis reachable (commands and pub/sub) and not draining.
     pub fn is_ready(&self) -> bool {
         self.redis_up.load(Ordering::Acquire)
-            && self.topics.is_connected()
+            && self.pubsub.is_connected()
             && !self.draining.is_cancelled()
     }
 
     /// Registers a channel name once (persisted the first time); returns whether it was new.
     pub async fn ensure_channel(&self, channel: &str) -> Result<bool, OpError> {
-        if self.hub.names.channels.contains(channel) {
+        if self.names.channels.contains(channel) {
             return Ok(false);
         }
         let created = self.store.register(Registry::Channels, channel).await?;
-        self.hub.names.channels.insert(channel);
+        self.names.channels.insert(channel);
         Ok(created)
     }
 
     /// Registers a user name once (persisted the first time).
     pub async fn ensure_user(&self, user: &str) -> Result<(), OpError> {
-        if !self.hub.names.users.contains(user) {
+        if !self.names.users.contains(user) {
             self.store.register(Registry::Users, user).await?;
-            self.hub.names.users.insert(user);
+            self.names.users.insert(user);
         }
         Ok(())
     }
 
     /// Whether a user was ever registered.
     pub async fn user_exists(&self, user: &str) -> Result<bool, OpError> {
-        if self.hub.names.users.contains(user) {
+        if self.names.users.contains(user) {
             return Ok(true);
         }
         let exists = self.store.exists(Registry::Users, user).await?;
         if exists {
-            self.hub.names.users.insert(user);
+            self.names.users.insert(user);
         }
         Ok(exists)
-    }
-
-    /// The channel's position, starting its epoch after the highest offset in
-    /// PostgreSQL when Redis has none.
-    pub async fn position(&self, channel: &str) -> Result<Position, OpError> {
-        if let Some(position) = self.store.position(channel).await? {
-            return Ok(position);
-        }
-        self.start_epoch(channel).await
-    }
-
-    async fn start_epoch(&self, channel: &str) -> Result<Position, OpError> {
-        // A new epoch may mean Redis lost everything: register the name again.
-        self.store.register(Registry::Channels, channel).await?;
-        let floor = self.history.max_offset(channel).await?;
-        let position = self.store.init_channel(channel, floor).await?;
-        tracing::info!(%channel, epoch = %position.epoch, floor, "channel epoch started");
-        Ok(position)
     }
 
     /// Publishes a channel message from `user`; `clock` is the Lamport time of the request.
@@ -250,7 +287,7 @@ impl Gateway {
         let started = Instant::now();
         let result = match self.store.publish(&message).await {
             Err(StoreError::NoEpoch) => {
-                self.start_epoch(channel).await?;
+                epochs::start(&self.store, &self.history, channel).await?;
                 self.store.publish(&message).await
             }
             other => other,
@@ -281,5 +318,57 @@ impl Gateway {
             self.metrics.redis_errors_total.inc();
             tracing::warn!(%channel, %user, %error, "presence announcement failed");
         }
+    }
+
+    /// A page of a channel's permanent history. `not_found` for a channel that
+    /// neither Redis nor PostgreSQL knows (PostgreSQL still has the history of a
+    /// channel a wiped Redis forgot).
+    pub async fn read_history(
+        &self,
+        channel: &str,
+        before: Option<u64>,
+        limit: u32,
+    ) -> Result<Vec<ChannelMessage>, OpError> {
+        let known = self.store.exists(Registry::Channels, channel).await?;
+        let not_found = || OpError::new(ErrorCode::NotFound, format!("no channel {channel:?}"));
+        match self.history.page(channel, before, limit).await {
+            Ok(messages) if known || !messages.is_empty() => Ok(messages),
+            Ok(_) | Err(HistoryError::NotConfigured) if !known => Err(not_found()),
+            Ok(messages) => Ok(messages),
+            Err(error) => Err(error.into()),
+        }
+    }
+}
+
+/// What the subscriber connection reads goes to the delivery core; after a
+/// reconnect (Redis may have restarted empty) remembered names are forgotten
+/// and the users connected here are registered again.
+struct Intake {
+    delivery: Delivery,
+    names: Arc<KnownNames>,
+    store: Store,
+}
+
+impl Inbound for Intake {
+    fn message(&self, topic: &[u8], payload: Bytes) {
+        self.delivery.message(topic, payload);
+    }
+
+    fn resubscribed(&self) {
+        self.delivery.resubscribed();
+        self.names.forget_all();
+        let (delivery, names, store) = (
+            self.delivery.clone(),
+            self.names.clone(),
+            self.store.clone(),
+        );
+        tokio::spawn(async move {
+            for user in delivery.online_users().await {
+                match store.register(Registry::Users, &user).await {
+                    Ok(_) => names.users.insert(&user),
+                    Err(error) => tracing::warn!(%user, %error, "could not register user again"),
+                }
+            }
+        });
     }
 }

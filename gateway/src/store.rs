@@ -35,10 +35,10 @@ pub enum StoreError {
 /// Where a channel's history stands.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Position {
-    /// Newest offset (0 when nothing was published in this epoch's range).
-    pub top: u64,
     /// Epoch of the channel's history.
     pub epoch: String,
+    /// Newest offset (the epoch's starting floor when nothing was published in it yet).
+    pub top: u64,
 }
 
 /// Which registry set a name belongs to.
@@ -68,6 +68,7 @@ impl Registry {
 
 struct Scripts {
     publish: Script,
+    read: Script,
     init: Script,
     direct: Script,
     register: Script,
@@ -111,6 +112,41 @@ fn parse_offset(id: &str) -> Option<u64> {
     id.split_once('-').and_then(|(ms, _)| ms.parse().ok())
 }
 
+/// A stream entry as XRANGE returns it: its id and its fields.
+type StreamEntry = (String, Vec<(String, Vec<u8>)>);
+
+/// Decodes the reply of [`scripts::READ_RANGE`].
+fn parse_read(reply: redis::Value) -> Result<(Option<Position>, Vec<ChannelMessage>), StoreError> {
+    let corrupt = |what: &str| StoreError::Corrupt(format!("read reply: {what}"));
+    let redis::Value::Array(parts) = reply else {
+        return Err(corrupt("not an array"));
+    };
+    let [epoch, top, entries]: [redis::Value; 3] =
+        parts.try_into().map_err(|_| corrupt("not three parts"))?;
+    let epoch = match epoch {
+        redis::Value::Nil => return Ok((None, Vec::new())),
+        other => redis::from_redis_value::<String>(other).map_err(|_| corrupt("epoch"))?,
+    };
+    let top = redis::from_redis_value::<u64>(top).map_err(|_| corrupt("top"))?;
+    let entries: Vec<StreamEntry> =
+        redis::from_redis_value(entries).map_err(|_| corrupt("entries"))?;
+    let messages = entries
+        .into_iter()
+        .map(|(id, fields)| {
+            let offset = parse_offset(&id).ok_or_else(|| corrupt(&format!("entry id {id}")))?;
+            let data = fields
+                .iter()
+                .find(|(name, _)| name == chatcluster_protocol::entry::field::DATA)
+                .map(|(_, data)| data.as_slice())
+                .ok_or_else(|| corrupt(&format!("entry {id} has no data")))?;
+            let message =
+                StoredMessage::decode(data).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            Ok(message.into_channel_message(offset))
+        })
+        .collect::<Result<_, StoreError>>()?;
+    Ok((Some(Position { top, epoch }), messages))
+}
+
 impl Store {
     /// A store connecting lazily to `client` (the gateway starts even while Redis is down).
     pub fn new(client: redis::Client, settings: StoreSettings) -> Result<Self, StoreError> {
@@ -125,6 +161,7 @@ impl Store {
             settings,
             scripts: std::sync::Arc::new(Scripts {
                 publish: Script::new(scripts::PUBLISH_MESSAGE),
+                read: Script::new(scripts::READ_RANGE),
                 init: Script::new(scripts::INIT_CHANNEL),
                 direct: Script::new(scripts::PUBLISH_DIRECT),
                 register: Script::new(scripts::REGISTER_NAME),
@@ -201,60 +238,30 @@ impl Store {
         Ok(Position { top, epoch })
     }
 
-    /// The channel's position, or `None` when it has no epoch.
-    pub async fn position(&self, channel: &str) -> Result<Option<Position>, StoreError> {
-        let mut conn = self.conn.clone();
-        let key = keys::meta_key(channel, self.settings.shards);
-        let (epoch, top): (Option<String>, Option<u64>) = self
-            .timed(
-                redis::cmd("HMGET")
-                    .arg(key)
-                    .arg("epoch")
-                    .arg("top")
-                    .query_async(&mut conn),
-            )
-            .await?;
-        Ok(epoch.map(|epoch| Position {
-            top: top.unwrap_or(0),
-            epoch,
-        }))
-    }
-
-    /// Messages of the history stream with offsets in `from..=to` (`to = None`: to the end),
-    /// at most `count`, oldest first.
-    pub async fn history_range(
+    /// The channel's position and the history messages in `from..=until`
+    /// (at most the history length), read in one atomic step.
+    pub async fn read(
         &self,
         channel: &str,
-        from: u64,
-        to: Option<u64>,
-        count: usize,
-    ) -> Result<Vec<ChannelMessage>, StoreError> {
+        from: Option<u64>,
+        until: Option<u64>,
+        with_messages: bool,
+    ) -> Result<(Option<Position>, Vec<ChannelMessage>), StoreError> {
+        let shards = self.settings.shards;
         let mut conn = self.conn.clone();
-        let key = keys::history_key(channel, self.settings.shards);
-        let end = to.map_or_else(|| "+".to_owned(), |to| format!("{to}-0"));
-        let reply: redis::streams::StreamRangeReply = self
-            .timed(conn.xrange_count(key, format!("{from}-0"), end, count))
-            .await?;
-        reply
-            .ids
-            .into_iter()
-            .map(|entry| {
-                let offset = parse_offset(&entry.id)
-                    .ok_or_else(|| StoreError::Corrupt(format!("entry id {}", entry.id)))?;
-                let data = match entry.map.get(chatcluster_protocol::entry::field::DATA) {
-                    Some(redis::Value::BulkString(bytes)) => bytes.as_slice(),
-                    _ => {
-                        return Err(StoreError::Corrupt(format!(
-                            "entry {} has no data",
-                            entry.id
-                        )));
-                    }
-                };
-                let message =
-                    StoredMessage::decode(data).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-                Ok(message.into_channel_message(offset))
-            })
-            .collect()
+        let mut invocation = self.scripts.read.prepare_invoke();
+        invocation
+            .key(keys::meta_key(channel, shards))
+            .key(keys::history_key(channel, shards))
+            .arg(from.map_or_else(|| "-".to_owned(), |from| format!("{from}-0")))
+            .arg(until.map_or_else(|| "+".to_owned(), |until| format!("{until}-0")))
+            .arg(if with_messages {
+                self.settings.history_size
+            } else {
+                0
+            });
+        let reply: redis::Value = self.timed(invocation.invoke_async(&mut conn)).await?;
+        parse_read(reply)
     }
 
     /// Sends a direct message (persisted, published to recipient and sender).

@@ -85,6 +85,25 @@ pub fn to_msgpack<T: Serialize + ?Sized>(value: &T) -> Vec<u8> {
     out
 }
 
+/// Appends the encoding of any frame to `out` (callers that frame the bytes
+/// themselves reserve room in front).
+pub fn encode_into<T: Serialize + ?Sized>(encoding: Encoding, value: &T, out: &mut Vec<u8>) {
+    let start = out.len();
+    let written = match encoding {
+        Encoding::Json => serde_json::to_writer(&mut *out, value).is_ok(),
+        Encoding::MsgPack => {
+            let mut serializer = rmp_serde::Serializer::new(&mut *out)
+                .with_struct_map()
+                .with_human_readable();
+            value.serialize(&mut serializer).is_ok()
+        }
+    };
+    // Our frame types always serialize (string keys only, no NaN floats).
+    if !written {
+        out.truncate(start);
+    }
+}
+
 /// Encodes any frame (a server frame, or a client's [`RawRequest`]).
 pub fn encode<T: Serialize + ?Sized>(encoding: Encoding, value: &T) -> Bytes {
     match encoding {

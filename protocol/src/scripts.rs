@@ -54,6 +54,26 @@ end
 return {tonumber(redis.call('HGET', KEYS[1], 'top')), epoch}
 "#;
 
+/// Read a channel's position and a range of its history in one atomic step.
+///
+/// `KEYS`: meta hash, history stream. `ARGV`: 1 first entry id (`-` for the
+/// oldest, or `<offset>-0`), 2 last entry id (`+` for the newest, or
+/// `<offset>-0`), 3 most entries (0: read the position only). Returns
+/// `{epoch, top, entries}` with `epoch` false when the channel has none; every
+/// message above `top` is published after this read, so a subscriber that
+/// reads this while subscribed misses nothing and sees nothing twice.
+pub const READ_RANGE: &str = r#"
+local meta = redis.call('HMGET', KEYS[1], 'epoch', 'top')
+if not meta[1] then
+  return {false, 0, {}}
+end
+local entries = {}
+if tonumber(ARGV[3]) > 0 then
+  entries = redis.call('XRANGE', KEYS[2], ARGV[1], ARGV[2], 'COUNT', ARGV[3])
+end
+return {meta[1], tonumber(meta[2] or 0), entries}
+"#;
+
 /// Send a direct message.
 ///
 /// `KEYS`: persistence stream of the recipient's shard. `ARGV`: 1 payload

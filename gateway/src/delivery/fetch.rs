@@ -1,0 +1,34 @@
+//! Carries out a sequencer's [`Fetch`]: one atomic Redis read of the channel's
+//! position and history range, starting the channel's epoch first when asked.
+
+use crate::delivery::sequencer::{Fetch, Fetched, ReadFrom};
+use crate::epochs;
+use crate::history::History;
+use crate::store::Store;
+
+/// Runs `fetch` for `channel`; the error is a message for logs.
+pub async fn run(
+    store: &Store,
+    history: &History,
+    channel: &str,
+    fetch: &Fetch,
+) -> Result<Fetched, String> {
+    let (from, until) = match fetch.range {
+        Some((ReadFrom::Start, until)) => (None, until),
+        Some((ReadFrom::After(offset), until)) => (Some(offset.saturating_add(1)), until),
+        None => (None, None),
+    };
+    let (position, messages) = store
+        .read(channel, from, until, fetch.range.is_some())
+        .await
+        .map_err(|e| e.to_string())?;
+    let position = match position {
+        None if fetch.start_epoch => Some(
+            epochs::start(store, history, channel)
+                .await
+                .map_err(|e| e.to_string())?,
+        ),
+        other => other,
+    };
+    Ok(Fetched { position, messages })
+}

@@ -1,0 +1,250 @@
+//! The delivery core: from topic messages to the outboxes of local connections.
+//!
+//! Each topic (a channel, or a user's direct messages) belongs to one of as
+//! many dispatcher tasks as there are cores, by hash of its name; a dispatcher
+//! owns the [`sequencer::Sequencer`]s and direct-message routes of its topics,
+//! so the delivery path has no global lock and spreads over every core. Queues
+//! into dispatchers are bounded. The pub/sub intake never waits: when a
+//! dispatcher's queue is full the message is dropped and its channel is marked
+//! for a resync, which reads what was dropped back from the history stream.
+//!
+//! The rest of the gateway talks to this module through [`Delivery`]: joining
+//! and leaving channels, coming online for direct messages, and the presence
+//! members to refresh.
+
+pub mod dispatcher;
+pub mod fetch;
+pub mod sequencer;
+pub mod users;
+
+use std::collections::HashSet;
+use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use tokio::sync::{Notify, mpsc, oneshot};
+
+use chatcluster_protocol::frame::Since;
+use chatcluster_protocol::keys;
+
+use crate::metrics::Metrics;
+use crate::outbox::{ConnId, Outbox};
+use crate::pubsub::Inbound;
+use dispatcher::{Context, Dispatcher, Event};
+use sequencer::{JoinError, JoinRequest, Joined, PresenceMember, ReplyContext};
+
+/// Events queued to one dispatcher at most.
+const QUEUE: usize = 16 * 1024;
+
+/// Topics dropped at the intake, waiting to be resynced.
+#[derive(Default)]
+struct Overflow {
+    topics: Mutex<(HashSet<Bytes>, bool)>,
+    wake: Notify,
+}
+
+struct Shard {
+    tx: mpsc::Sender<Event>,
+    overflow: Arc<Overflow>,
+}
+
+/// Handle to the delivery core; cheap to clone.
+#[derive(Clone)]
+pub struct Delivery {
+    shards: Arc<[Shard]>,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Delivery")
+            .field("dispatchers", &self.shards.len())
+            .finish()
+    }
+}
+
+/// The delivery core stopped (the gateway is shutting down).
+fn stopped() -> JoinError {
+    JoinError {
+        code: chatcluster_protocol::ErrorCode::Unavailable,
+        message: "gateway shutting down; reconnect".into(),
+    }
+}
+
+impl Delivery {
+    /// Starts `dispatchers` dispatcher tasks sharing `ctx`; they stop when
+    /// every handle is dropped.
+    pub fn start(dispatchers: usize, ctx: Context) -> Self {
+        let ctx = Arc::new(ctx);
+        let metrics = ctx.metrics.clone();
+        let shards: Vec<Shard> = (0..dispatchers.max(1))
+            .map(|_| {
+                let (tx, rx) = mpsc::channel(QUEUE);
+                let overflow = Arc::new(Overflow::default());
+                tokio::spawn(Dispatcher::new(rx, tx.downgrade(), ctx.clone()).run());
+                tokio::spawn(resync_overflowed(tx.downgrade(), overflow.clone()));
+                Shard { tx, overflow }
+            })
+            .collect();
+        Self {
+            shards: shards.into(),
+            metrics,
+        }
+    }
+
+    fn shard(&self, topic: &[u8]) -> &Shard {
+        let hash = BuildHasherDefault::<DefaultHasher>::default().hash_one(topic);
+        &self.shards[(hash % self.shards.len() as u64) as usize]
+    }
+
+    async fn send(&self, topic: &[u8], event: Event) -> bool {
+        self.shard(topic).tx.send(event).await.is_ok()
+    }
+
+    /// Subscribes a connection to a channel. The sequencer queues the reply
+    /// itself (so that it precedes every push above its offset); on error
+    /// nothing was queued and the caller answers.
+    pub async fn join(
+        &self,
+        channel: &str,
+        outbox: Outbox,
+        presence: PresenceMember,
+        since: Option<Since>,
+        reply: ReplyContext,
+    ) -> Result<Joined, JoinError> {
+        let (done, answer) = oneshot::channel();
+        let request = JoinRequest {
+            outbox,
+            presence,
+            since,
+            reply,
+            done,
+        };
+        let topic = keys::channel_topic(channel);
+        let event = Event::Join {
+            channel: channel.into(),
+            request,
+        };
+        if !self.send(topic.as_bytes(), event).await {
+            return Err(stopped());
+        }
+        answer.await.unwrap_or_else(|_| Err(stopped()))
+    }
+
+    /// Removes a connection from a channel; nothing is queued to it for the
+    /// channel after this returns.
+    pub async fn leave(&self, channel: &str, conn: ConnId) {
+        let topic = keys::channel_topic(channel);
+        let event = Event::Leave {
+            channel: channel.into(),
+            conn,
+        };
+        self.send(topic.as_bytes(), event).await;
+    }
+
+    /// Makes a connection receive its user's direct messages; returns once the
+    /// user's topic is subscribed.
+    pub async fn online(&self, user: &str, outbox: Outbox) -> Result<(), String> {
+        let (online, answer) = oneshot::channel();
+        let topic = keys::user_topic(user);
+        let event = Event::Online {
+            user: user.into(),
+            outbox,
+            online,
+        };
+        if !self.send(topic.as_bytes(), event).await {
+            return Err("gateway shutting down".into());
+        }
+        answer
+            .await
+            .unwrap_or_else(|_| Err("gateway shutting down".into()))
+    }
+
+    /// Stops a connection receiving its user's direct messages.
+    pub async fn offline(&self, user: &str, conn: ConnId) {
+        let topic = keys::user_topic(user);
+        let event = Event::Offline {
+            user: user.into(),
+            conn,
+        };
+        self.send(topic.as_bytes(), event).await;
+    }
+
+    /// Users with a connection on this gateway.
+    pub async fn online_users(&self) -> Vec<Arc<str>> {
+        let mut all = Vec::new();
+        for shard in self.shards.iter() {
+            let (reply, answer) = oneshot::channel();
+            if shard.tx.send(Event::Users(reply)).await.is_ok()
+                && let Ok(users) = answer.await
+            {
+                all.extend(users);
+            }
+        }
+        all
+    }
+
+    /// Every local channel with the presence members of its subscribers.
+    pub async fn presence_members(&self) -> Vec<(Arc<str>, Vec<PresenceMember>)> {
+        let mut all = Vec::new();
+        for shard in self.shards.iter() {
+            let (reply, answer) = oneshot::channel();
+            if shard.tx.send(Event::Members(reply)).await.is_ok()
+                && let Ok(members) = answer.await
+            {
+                all.extend(members);
+            }
+        }
+        all
+    }
+}
+
+impl Inbound for Delivery {
+    fn message(&self, topic: &[u8], payload: Bytes) {
+        let shard = self.shard(topic);
+        let event = Event::Topic {
+            topic: Bytes::copy_from_slice(topic),
+            payload,
+        };
+        if shard.tx.try_send(event).is_err() {
+            self.metrics.intake_overflow_total.inc();
+            let mut pending = shard
+                .overflow
+                .topics
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            pending.0.insert(Bytes::copy_from_slice(topic));
+            drop(pending);
+            shard.overflow.wake.notify_one();
+        }
+    }
+
+    fn resubscribed(&self) {
+        for shard in self.shards.iter() {
+            shard
+                .overflow
+                .topics
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .1 = true;
+            shard.overflow.wake.notify_one();
+        }
+    }
+}
+
+/// Sends a shard the resyncs its intake could not queue, once there is room.
+async fn resync_overflowed(tx: mpsc::WeakSender<Event>, overflow: Arc<Overflow>) {
+    loop {
+        overflow.wake.notified().await;
+        let Some(tx) = tx.upgrade() else {
+            return;
+        };
+        let (topics, all) = {
+            let mut pending = overflow.topics.lock().unwrap_or_else(|p| p.into_inner());
+            (pending.0.drain().collect(), std::mem::take(&mut pending.1))
+        };
+        if tx.send(Event::Resync { topics, all }).await.is_err() {
+            return;
+        }
+    }
+}

@@ -199,23 +199,33 @@ impl Delivery {
     }
 }
 
-impl Inbound for Delivery {
-    fn message(&self, topic: &[u8], payload: Bytes) {
-        let shard = self.shard(topic);
+impl Shard {
+    /// Queues a topic message without waiting; when the queue is full the
+    /// topic is marked for a resync instead. Returns whether it was queued.
+    fn offer(&self, topic: &[u8], payload: Bytes) -> bool {
         let event = Event::Topic {
             topic: Bytes::copy_from_slice(topic),
             payload,
         };
-        if shard.tx.try_send(event).is_err() {
+        if self.tx.try_send(event).is_ok() {
+            return true;
+        }
+        let mut pending = self
+            .overflow
+            .topics
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        pending.0.insert(Bytes::copy_from_slice(topic));
+        drop(pending);
+        self.overflow.wake.notify_one();
+        false
+    }
+}
+
+impl Inbound for Delivery {
+    fn message(&self, topic: &[u8], payload: Bytes) {
+        if !self.shard(topic).offer(topic, payload) {
             self.metrics.intake_overflow_total.inc();
-            let mut pending = shard
-                .overflow
-                .topics
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            pending.0.insert(Bytes::copy_from_slice(topic));
-            drop(pending);
-            shard.overflow.wake.notify_one();
         }
     }
 
@@ -246,5 +256,38 @@ async fn resync_overflowed(tx: mpsc::WeakSender<Event>, overflow: Arc<Overflow>)
         if tx.send(Event::Resync { topics, all }).await.is_err() {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_full_queue_turns_messages_into_one_resync_of_their_topics() {
+        let (tx, mut rx) = mpsc::channel(1);
+        let overflow = Arc::new(Overflow::default());
+        let shard = Shard {
+            tx: tx.clone(),
+            overflow: overflow.clone(),
+        };
+        assert!(shard.offer(b"cc:ch:a", Bytes::from_static(b"1")));
+        assert!(!shard.offer(b"cc:ch:a", Bytes::from_static(b"2")));
+        assert!(!shard.offer(b"cc:ch:b", Bytes::from_static(b"3")));
+        assert!(!shard.offer(b"cc:ch:a", Bytes::from_static(b"4")));
+        tokio::spawn(resync_overflowed(tx.downgrade(), overflow));
+        assert!(matches!(rx.recv().await, Some(Event::Topic { .. })));
+        let Some(Event::Resync { mut topics, all }) = rx.recv().await else {
+            panic!("the dropped topics come back as a resync");
+        };
+        topics.sort();
+        assert_eq!(
+            topics,
+            [
+                Bytes::from_static(b"cc:ch:a"),
+                Bytes::from_static(b"cc:ch:b")
+            ]
+        );
+        assert!(!all);
     }
 }

@@ -350,7 +350,7 @@ async fn read_loop(
                     return;
                 }
                 Incoming::Ping(payload) => {
-                    outbox.push(ws::frame(ws::opcode::PONG, &payload), 1);
+                    outbox.push(ws::frame(ws::opcode::PONG, &payload), 1, true);
                 }
                 Incoming::Pong => {}
                 Incoming::Text(data) => {
@@ -377,7 +377,7 @@ async fn read_loop(
                     outbox.close(CloseReason::Idle);
                     return;
                 }
-                outbox.push(ws::frame(ws::opcode::PING, b""), 1);
+                outbox.push(ws::frame(ws::opcode::PING, b""), 1, true);
             }
             read = read_half.read_into(reader.buffer()) => match read {
                 Ok(0) | Err(_) => return,
@@ -474,26 +474,79 @@ async fn write_chunks(write_half: &mut WriteHalf, chunks: &[Bytes]) -> std::io::
     Ok(())
 }
 
-/// Writes what is queued, at most once per `coalesce`, until the connection
-/// closes; then what is left (unless the reader was too slow) and the close frame.
+/// How often a connection's frame rate is measured for [`Pacer`].
+const RATE_WINDOW: Duration = Duration::from_secs(1);
+/// Frames per second at which a connection's writes are spaced by the whole
+/// coalescing interval.
+const FULL_COALESCE_RATE: u64 = 1000;
+
+/// Spaces a connection's writes by an interval that grows with the frames it
+/// receives: a quiet chat connection writes at once, a connection receiving
+/// 1,000 frames a second writes once per `max` and sends them together.
+struct Pacer {
+    max: Duration,
+    interval: Duration,
+    window_start: Instant,
+    frames: u64,
+    last_write: Option<Instant>,
+}
+
+impl Pacer {
+    fn new(max: Duration) -> Self {
+        Self {
+            max,
+            interval: Duration::ZERO,
+            window_start: Instant::now(),
+            frames: 0,
+            last_write: None,
+        }
+    }
+
+    /// When the next write may happen.
+    fn next_write(&self) -> Option<Instant> {
+        self.last_write
+            .filter(|_| !self.interval.is_zero())
+            .map(|last| last + self.interval)
+    }
+
+    /// Records a write of `frames` frames at `now`.
+    fn wrote(&mut self, frames: usize, now: Instant) {
+        self.last_write = Some(now);
+        self.frames += frames as u64;
+        let elapsed = now.duration_since(self.window_start);
+        if elapsed >= RATE_WINDOW {
+            let rate = self.frames * 1000 / elapsed.as_millis().max(1) as u64;
+            self.interval = self
+                .max
+                .mul_f64((rate as f64 / FULL_COALESCE_RATE as f64).min(1.0));
+            self.window_start = now;
+            self.frames = 0;
+        }
+    }
+}
+
+/// Writes what is queued, paced by [`Pacer`], until the connection closes;
+/// then what is left (unless the reader was too slow) and the close frame.
 async fn write_loop(mut write_half: WriteHalf, inbox: Inbox, outbox: Outbox, coalesce: Duration) {
     let kill = inbox.kill().clone();
     let mut chunks = Vec::new();
-    let mut last_write: Option<Instant> = None;
+    let mut pacer = Pacer::new(coalesce);
     loop {
         inbox.ready().await;
         if kill.is_cancelled() {
             break;
         }
-        if let Some(last) = last_write
-            && !coalesce.is_zero()
+        if let Some(due) = pacer.next_write()
+            && !inbox.is_urgent()
         {
             tokio::select! {
-                () = tokio::time::sleep_until(last + coalesce) => {}
+                () = tokio::time::sleep_until(due) => {}
+                // A reply was queued: it goes out now, with what is waiting.
+                () = inbox.ready() => {}
                 () = kill.cancelled() => break,
             }
         }
-        inbox.take(&mut chunks);
+        let frames = inbox.take(&mut chunks);
         if chunks.is_empty() {
             continue;
         }
@@ -509,7 +562,7 @@ async fn write_loop(mut write_half: WriteHalf, inbox: Inbox, outbox: Outbox, coa
         if chunks.capacity() > 64 {
             chunks = Vec::new();
         }
-        last_write = Some(Instant::now());
+        pacer.wrote(frames, Instant::now());
     }
     let reason = inbox.close_reason().unwrap_or(CloseReason::Normal);
     let (code, text) = reason.close_frame();
@@ -523,4 +576,49 @@ async fn write_loop(mut write_half: WriteHalf, inbox: Inbox, outbox: Outbox, coa
         write_half.shutdown().await
     })
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn writes_are_spaced_in_proportion_to_the_frame_rate() {
+        let max = Duration::from_millis(20);
+        let mut pacer = Pacer::new(max);
+        assert_eq!(pacer.next_write(), None, "a new connection writes at once");
+        // One second of 100 frames a second: 2 ms apart.
+        for _ in 0..100 {
+            tokio::time::advance(Duration::from_millis(10)).await;
+            pacer.wrote(1, Instant::now());
+        }
+        assert_eq!(pacer.interval, Duration::from_millis(2));
+        // One second of 5,000 frames a second: the whole 20 ms.
+        for _ in 0..50 {
+            tokio::time::advance(Duration::from_millis(20)).await;
+            pacer.wrote(100, Instant::now());
+        }
+        assert_eq!(pacer.interval, max);
+        let last = Instant::now();
+        assert_eq!(pacer.next_write(), Some(last + max));
+        // Quiet again for a second: one frame a second spaces writes by 20 µs.
+        tokio::time::advance(Duration::from_secs(1)).await;
+        pacer.wrote(1, Instant::now());
+        assert_eq!(pacer.interval, Duration::from_micros(20));
+    }
+
+    #[tokio::test]
+    async fn chunks_larger_than_one_vectored_write_are_written_completely() {
+        let (mut client, server) = tokio::io::duplex(1 << 20);
+        let mut write_half: WriteHalf = Box::new(server);
+        let chunks: Vec<Bytes> = (0..(MAX_IOV * 2 + 7))
+            .map(|i| Bytes::from(vec![(i % 251) as u8; 1 + i % 5]))
+            .collect();
+        let expected: Vec<u8> = chunks.iter().flat_map(|c| c.iter().copied()).collect();
+        write_chunks(&mut write_half, &chunks).await.unwrap();
+        drop(write_half);
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, expected);
+    }
 }

@@ -8,6 +8,7 @@
 //! vectored write. The queue is bounded in frames; a reader that lets it fill
 //! up is closed with 1008 rather than allowed to grow memory ([`Outbox::push`]).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use bytes::Bytes;
@@ -106,6 +107,8 @@ impl SharedFrame {
 struct Queue {
     chunks: Vec<Bytes>,
     frames: usize,
+    /// A reply is waiting: write without pacing.
+    urgent: bool,
 }
 
 #[derive(Debug)]
@@ -115,6 +118,8 @@ struct Shared {
     capacity: usize,
     queue: Mutex<Queue>,
     wake: Notify,
+    /// Set with `kill`; read on every push without taking a lock.
+    closing: AtomicBool,
     kill: CancellationToken,
     reason: OnceLock<CloseReason>,
 }
@@ -155,6 +160,7 @@ impl Outbox {
             capacity: capacity.max(1),
             queue: Mutex::new(Queue::default()),
             wake: Notify::new(),
+            closing: AtomicBool::new(false),
             kill: CancellationToken::new(),
             reason: OnceLock::new(),
         });
@@ -171,13 +177,15 @@ impl Outbox {
         self.0.encoding
     }
 
-    /// Queues `bytes` holding `frames` complete WebSocket frames. A full queue
-    /// closes the connection as a slow reader.
-    pub fn push(&self, bytes: Bytes, frames: usize) -> Pushed {
-        if self.0.kill.is_cancelled() {
+    /// Queues `bytes` holding `frames` complete WebSocket frames; an `urgent`
+    /// one (a reply, a ping or pong), or any push that fills half the queue, is
+    /// written without waiting for the writer's pacing. A full queue closes the
+    /// connection as a slow reader.
+    pub fn push(&self, bytes: Bytes, frames: usize, urgent: bool) -> Pushed {
+        if self.0.closing.load(Ordering::Acquire) {
             return Pushed::Closed;
         }
-        let was_empty = {
+        let wake = {
             let mut queue = self.0.queue();
             if queue.frames + frames > self.0.capacity {
                 drop(queue);
@@ -189,28 +197,33 @@ impl Outbox {
             }
             queue.frames += frames;
             queue.chunks.push(bytes);
-            queue.chunks.len() == 1
+            // Half full: write now rather than wait for the pacing and overflow.
+            let urgent = urgent || queue.frames * 2 >= self.0.capacity;
+            let newly_urgent = urgent && !queue.urgent;
+            queue.urgent |= urgent;
+            queue.chunks.len() == 1 || newly_urgent
         };
-        if was_empty {
+        if wake {
             self.0.wake.notify_one();
         }
         Pushed::Queued
     }
 
-    /// Queues a shared frame in this connection's encoding.
+    /// Queues a shared frame (a push) in this connection's encoding.
     pub fn push_shared(&self, frame: &SharedFrame) -> Pushed {
-        self.push(frame.bytes(self.0.encoding).clone(), 1)
+        self.push(frame.bytes(self.0.encoding).clone(), 1, false)
     }
 
-    /// Encodes and queues a frame for this connection only.
+    /// Encodes and queues a reply for this connection only.
     pub fn push_frame(&self, frame: &ServerFrame) -> Pushed {
-        self.push(encode_frame(self.0.encoding, frame), 1)
+        self.push(encode_frame(self.0.encoding, frame), 1, true)
     }
 
     /// Asks the connection to close; the first reason wins. Returns whether
     /// this call set the reason.
     pub fn close(&self, reason: CloseReason) -> bool {
         let first = self.0.reason.set(reason).is_ok();
+        self.0.closing.store(true, Ordering::Release);
         self.0.kill.cancel();
         first
     }
@@ -222,7 +235,7 @@ impl Outbox {
 
     /// Whether the connection was asked to close.
     pub fn is_closed(&self) -> bool {
-        self.0.kill.is_cancelled()
+        self.0.closing.load(Ordering::Acquire)
     }
 }
 
@@ -240,7 +253,13 @@ impl Inbox {
     pub fn take(&self, into: &mut Vec<Bytes>) -> usize {
         let mut queue = self.0.queue();
         std::mem::swap(&mut queue.chunks, into);
+        queue.urgent = false;
         std::mem::take(&mut queue.frames)
+    }
+
+    /// Whether a reply is queued (to be written without pacing).
+    pub fn is_urgent(&self) -> bool {
+        self.0.queue().urgent
     }
 
     /// Cancelled when the connection must close.
@@ -280,6 +299,16 @@ mod tests {
     }
 
     #[test]
+    fn a_half_full_queue_is_written_without_pacing() {
+        let (outbox, inbox) = Outbox::channel(1, Encoding::Json, 4);
+        let frame = SharedFrame::new(pong());
+        outbox.push_shared(&frame);
+        assert!(!inbox.is_urgent());
+        outbox.push_shared(&frame);
+        assert!(inbox.is_urgent());
+    }
+
+    #[test]
     fn the_writer_takes_everything_queued_at_once() {
         let (outbox, inbox) = Outbox::channel(1, Encoding::Json, 10);
         let frame = SharedFrame::new(pong());
@@ -312,6 +341,24 @@ mod tests {
         assert_eq!(body["type"], "ok");
         let msgpack = frame.bytes(Encoding::MsgPack);
         assert_eq!(msgpack[0], 0x82, "final binary frame");
+    }
+
+    #[tokio::test]
+    async fn a_reply_wakes_the_writer_even_behind_queued_pushes() {
+        let (outbox, inbox) = Outbox::channel(1, Encoding::Json, 10);
+        let frame = SharedFrame::new(pong());
+        outbox.push_shared(&frame);
+        inbox.ready().await;
+        assert!(!inbox.is_urgent());
+        outbox.push_shared(&frame);
+        outbox.push_frame(&pong());
+        assert!(inbox.is_urgent());
+        tokio::time::timeout(std::time::Duration::from_secs(1), inbox.ready())
+            .await
+            .expect("the reply wakes the pacing writer");
+        let mut chunks = Vec::new();
+        assert_eq!(inbox.take(&mut chunks), 3);
+        assert!(!inbox.is_urgent());
     }
 
     #[tokio::test]

@@ -1,7 +1,7 @@
 //! `chatcluster-worker`: parses the command line, sets up logging and runs the
 //! worker, or one of its tools (`dead-letters list|replay`).
 
-use std::io::Write as _;
+use std::io::{IsTerminal as _, Write as _};
 
 use anyhow::Context as _;
 use chatcluster_worker::config::{Cli, Command, DeadLettersCommand, LogFormat, StreamArgs};
@@ -17,6 +17,7 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("invalid RUST_LOG {:?}", args.log))?;
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match args.log_format {
         LogFormat::Text => logs.init(),

@@ -190,13 +190,12 @@ impl Reader {
     /// Records in Redis which delivery each taken-back entry of `raw` is, so
     /// the count survives a crash while it is written. Entries beyond
     /// `MAX_DELIVERIES` are not tried, so not counted.
-    async fn count_deliveries(&mut self, raw: &[RawEntry], stop: &CancellationToken) {
-        let again: Vec<RawEntry> = raw
+    async fn count_deliveries(&self, raw: &[RawEntry], stop: &CancellationToken) {
+        let max = self.max_deliveries;
+        if !raw
             .iter()
-            .filter(|e| matches!(e.delivery, Delivery::Again(n) if n <= self.max_deliveries))
-            .cloned()
-            .collect();
-        if again.is_empty() {
+            .any(|e| matches!(e.delivery, Delivery::Again(n) if n <= max))
+        {
             return;
         }
         let retry = Retry {
@@ -206,12 +205,12 @@ impl Reader {
             cancel: stop,
             interrupt: false,
         };
-        let (streams, again) = (&self.streams, &again);
+        let streams = &self.streams;
         // On shutdown the batch is still written, only its count is not recorded.
         let _ = retry
             .until_ok("recording deliveries", || {
                 let mut streams = streams.clone();
-                async move { streams.count_deliveries(again).await }
+                async move { streams.count_deliveries(raw, max).await }
             })
             .await;
     }

@@ -120,64 +120,56 @@ impl Retry<'_> {
 mod tests {
     use super::*;
 
+    #[derive(Default)]
+    struct Fixture {
+        metrics: Metrics,
+        health: Health,
+        cancel: CancellationToken,
+    }
+
+    impl Fixture {
+        fn retry(&self, backend: Backend, interrupt: bool) -> Retry<'_> {
+            Retry {
+                backend,
+                metrics: &self.metrics,
+                health: &self.health,
+                cancel: &self.cancel,
+                interrupt,
+            }
+        }
+    }
+
     #[tokio::test]
     async fn retries_until_success_counting_failures_and_tracking_readiness() {
-        let (metrics, health, cancel) = (
-            Metrics::default(),
-            Health::default(),
-            CancellationToken::new(),
-        );
-        let retry = Retry {
-            backend: Backend::Redis,
-            metrics: &metrics,
-            health: &health,
-            cancel: &cancel,
-            interrupt: false,
-        };
+        let fixture = Fixture::default();
         let mut calls = 0;
-        let value = retry
+        let value = fixture
+            .retry(Backend::Redis, false)
             .until_ok("test", || {
                 calls += 1;
                 std::future::ready(if calls < 3 { Err("down") } else { Ok(calls) })
             })
             .await;
         assert_eq!(value, Ok(3));
-        assert_eq!(
-            metrics
-                .errors
-                .get_or_create(&crate::metrics::BackendLabel { backend: "redis" })
-                .get(),
-            2
-        );
-        assert!(health.readiness().redis);
+        let label = crate::metrics::BackendLabel { backend: "redis" };
+        assert_eq!(fixture.metrics.errors.get_or_create(&label).get(), 2);
+        assert!(fixture.health.readiness().redis);
     }
 
     #[tokio::test]
     async fn gives_up_when_cancelled() {
-        let (metrics, health, cancel) = (
-            Metrics::default(),
-            Health::default(),
-            CancellationToken::new(),
-        );
-        let retry = Retry {
-            backend: Backend::Postgres,
-            metrics: &metrics,
-            health: &health,
-            cancel: &cancel,
-            interrupt: true,
-        };
-        cancel.cancel();
-        let never = retry
+        let fixture = Fixture::default();
+        fixture.cancel.cancel();
+        let never = fixture
+            .retry(Backend::Postgres, true)
             .until_ok("test", std::future::pending::<Result<(), &str>>)
             .await;
-        assert_eq!(never, Err(Abandoned));
-        let failing = Retry {
-            interrupt: false,
-            ..retry
-        }
-        .until_ok("test", || std::future::ready(Err::<(), _>("down")))
-        .await;
-        assert_eq!(failing, Err(Abandoned));
-        assert!(!health.readiness().postgres);
+        assert_eq!(never, Err(Abandoned), "an attempt in progress is dropped");
+        let failing = fixture
+            .retry(Backend::Postgres, false)
+            .until_ok("test", || std::future::ready(Err::<(), _>("down")))
+            .await;
+        assert_eq!(failing, Err(Abandoned), "no retry after a failure");
+        assert!(!fixture.health.readiness().postgres);
     }
 }

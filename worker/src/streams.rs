@@ -222,11 +222,14 @@ impl Streams {
 
     /// Records in the group that `entries` are delivered again: each one's
     /// delivery count is set to its [`Delivery::Again`] number (and its idle
-    /// time reset). Entries on their first delivery are already counted.
-    pub async fn count_deliveries(&mut self, entries: &[RawEntry]) -> Result<()> {
+    /// time reset). Entries on their first delivery are already counted;
+    /// those beyond `max` are not tried, so not counted.
+    pub async fn count_deliveries(&mut self, entries: &[RawEntry], max: u64) -> Result<()> {
         let mut groups: BTreeMap<(u32, u64), Vec<&str>> = BTreeMap::new();
         for entry in entries {
-            if let Delivery::Again(n) = entry.delivery {
+            if let Delivery::Again(n) = entry.delivery
+                && n <= max
+            {
                 groups.entry((entry.shard, n)).or_default().push(&entry.id);
             }
         }

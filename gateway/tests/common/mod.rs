@@ -17,8 +17,8 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{self, Message};
 
-use chatcluster_testkit::process::{Guarded, Output};
 pub use chatcluster_testkit::http::{http, http_status_blocking};
+use chatcluster_testkit::process::{Guarded, Output};
 pub use chatcluster_testkit::{Haproxy, RedisServer, free_port, wait_until};
 
 /// How long a test waits for any one frame.

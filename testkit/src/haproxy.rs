@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use chatcluster_haproxy::HaproxyConfig;
 
-use crate::process::Guarded;
+use crate::process::{Guarded, Output};
 
 /// A running HAProxy with a WebSocket frontend and a stats/Prometheus frontend.
 #[derive(Debug)]
@@ -34,30 +34,41 @@ pub fn config(port: u16, stats_port: u16, sockets: &[PathBuf]) -> String {
 }
 
 impl Haproxy {
-    /// Starts HAProxy balancing over `sockets` and waits until it listens.
+    /// Starts HAProxy balancing over `sockets` and waits until this very
+    /// process listens on both its ports (drawing new ports when another
+    /// process took one first).
     pub fn start(sockets: &[PathBuf]) -> Self {
+        const ATTEMPTS: usize = 8;
         let binary = crate::find_binary("haproxy", &["/usr/sbin"], "haproxy");
         let dir = tempfile::tempdir().expect("temp dir");
-        let (port, stats_port) = (crate::free_port(), crate::free_port());
         let cfg_path = dir.path().join("haproxy.cfg");
-        std::fs::write(&cfg_path, config(port, stats_port, sockets)).expect("write haproxy.cfg");
-        if let Err(e) = chatcluster_haproxy::check(&binary, &cfg_path) {
-            panic!("{e}");
+        for _ in 0..ATTEMPTS {
+            let (port, stats_port) = (crate::free_port(), crate::free_port());
+            std::fs::write(&cfg_path, config(port, stats_port, sockets))
+                .expect("write haproxy.cfg");
+            if let Err(e) = chatcluster_haproxy::check(&binary, &cfg_path) {
+                panic!("{e}");
+            }
+            let mut process = Guarded::spawn_with(
+                "haproxy",
+                Command::new(&binary).arg("-db").arg("-f").arg(&cfg_path),
+                Output::Capture,
+            );
+            if process.wait_listening(&[port, stats_port], Duration::from_secs(10)) {
+                return Self {
+                    port,
+                    stats_port,
+                    _dir: dir,
+                    _process: process,
+                };
+            }
+            assert!(
+                process.has_exited(),
+                "haproxy did not listen on ports {port} and {stats_port}:\n{}",
+                process.output()
+            );
         }
-        let process = Guarded::spawn(
-            "haproxy",
-            Command::new(&binary).arg("-db").arg("-f").arg(&cfg_path),
-        );
-        assert!(
-            crate::wait_until(Duration::from_secs(10), || crate::port_open(port)),
-            "haproxy did not listen on port {port}"
-        );
-        Self {
-            port,
-            stats_port,
-            _dir: dir,
-            _process: process,
-        }
+        panic!("haproxy could not bind free ports in {ATTEMPTS} attempts");
     }
 
     /// The WebSocket URL of the frontend.

@@ -1,13 +1,23 @@
 //! Real backing services for integration tests.
 //!
 //! Tests in this workspace never mock Redis, PostgreSQL or HAProxy: they start
-//! the real Debian binaries on free loopback ports or temp Unix sockets with
-//! the helpers here, and every handle stops its process and removes its files
-//! on drop. A missing binary fails with the package to install.
+//! the real Debian binaries with the helpers here, and every handle stops its
+//! process and removes its files on drop. A missing binary fails with the
+//! package to install.
+//!
+//! * [`redis`], [`postgres`]: servers on Unix sockets in private temp dirs,
+//!   so parallel tests never share a port;
+//! * [`haproxy`]: HAProxy in front of gateway sockets, on TCP ports it is
+//!   proven to own ([`process::Guarded::wait_listening`]);
+//! * [`process`]: any child process (servers and the project's binaries);
+//! * [`http`]: admin endpoints and metrics;
+//! * [`proxy`]: a proxy that loses one reply, for fault tests.
 
 pub mod haproxy;
+pub mod http;
 pub mod postgres;
 pub mod process;
+pub mod proxy;
 pub mod redis;
 
 pub use haproxy::Haproxy;
@@ -19,6 +29,11 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 /// A TCP port on 127.0.0.1 that was free a moment ago.
+///
+/// The port is released before the caller's server binds it, so another
+/// process may take it in between: start servers with
+/// [`process::Guarded::spawn_listening`], which checks that the process
+/// listening is the one just started and draws again otherwise.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())

@@ -1,7 +1,9 @@
-//! A real PostgreSQL server in a temp data directory (initdb), on a free port.
+//! A real PostgreSQL server in a temp data directory (initdb), listening only
+//! on a Unix socket in that directory.
 //!
-//! PostgreSQL refuses to run as root, so under root (CI) the server runs as
-//! the `postgres` system user through `runuser`.
+//! No TCP port means no collision with another test's server, and a restart
+//! comes back at the same address. PostgreSQL refuses to run as root, so under
+//! root (CI) the server runs as the `postgres` system user through `runuser`.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -15,10 +17,12 @@ const PG_DIRS: &[&str] = &[
     "/usr/lib/postgresql/17/bin",
 ];
 
+/// The port number naming the socket file (`.s.PGSQL.5432`); no TCP port is opened.
+const SOCKET_PORT: u16 = 5432;
+
 /// A running `postgres`; stopped and its data removed on drop.
 #[derive(Debug)]
 pub struct Postgres {
-    port: u16,
     dir: tempfile::TempDir,
     bin_dir: PathBuf,
     process: Option<Guarded>,
@@ -63,7 +67,6 @@ impl Postgres {
             String::from_utf8_lossy(&out.stderr)
         );
         let mut server = Self {
-            port: crate::free_port(),
             dir,
             bin_dir,
             process: None,
@@ -72,29 +75,28 @@ impl Postgres {
         server
     }
 
-    /// `postgres://postgres@127.0.0.1:<port>/postgres`.
+    /// `postgres://postgres@localhost:5432/postgres?host=<dir>`: the socket
+    /// directory as `host`, understood by sqlx and libpq.
     pub fn url(&self) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+        format!(
+            "postgres://postgres@localhost:{SOCKET_PORT}/postgres?host={}",
+            self.socket_dir().display()
+        )
     }
 
-    /// The port.
-    pub fn port(&self) -> u16 {
-        self.port
+    /// The directory holding the server's socket `.s.PGSQL.5432`.
+    pub fn socket_dir(&self) -> &std::path::Path {
+        self.dir.path()
     }
 
-    /// Starts (or starts again) the server on the same port and data.
+    /// Starts (or starts again) the server on the same socket and data.
     pub fn restart(&mut self) {
         self.stop();
         let mut command = as_postgres(&self.bin_dir.join("postgres"));
         command
             .arg("-D")
             .arg(self.dir.path().join("data"))
-            .args([
-                "-p",
-                &self.port.to_string(),
-                "-c",
-                "listen_addresses=127.0.0.1",
-            ])
+            .args(["-p", &SOCKET_PORT.to_string(), "-c", "listen_addresses="])
             .arg("-c")
             .arg(format!(
                 "unix_socket_directories={}",
@@ -109,16 +111,23 @@ impl Postgres {
                 "full_page_writes=off",
             ])
             .args(["-c", "max_connections=200"]);
-        self.process = Some(Guarded::spawn("postgres", &mut command));
-        let port = self.port;
+        let mut process = Guarded::spawn("postgres", &mut command);
         let isready = self.bin_dir.join("pg_isready");
+        let dir = self.dir.path().to_owned();
         let ready = crate::wait_until(Duration::from_secs(30), || {
-            Command::new(&isready)
-                .args(["-q", "-h", "127.0.0.1", "-p", &port.to_string()])
-                .status()
-                .is_ok_and(|s| s.success())
+            process.has_exited()
+                || Command::new(&isready)
+                    .args(["-q", "-p", &SOCKET_PORT.to_string(), "-h"])
+                    .arg(&dir)
+                    .status()
+                    .is_ok_and(|s| s.success())
         });
-        assert!(ready, "postgres did not accept connections on port {port}");
+        assert!(
+            ready && !process.has_exited(),
+            "postgres did not accept connections on {}",
+            dir.display()
+        );
+        self.process = Some(process);
     }
 
     /// Stops the server with a fast shutdown and waits for it to exit.

@@ -1,8 +1,12 @@
-//! A real `redis-server` on a free loopback port, without persistence.
+//! A real `redis-server` on a Unix socket in its own temp dir, without persistence.
+//!
+//! A socket in a private directory cannot collide with another test's server
+//! (a loopback port drawn by [`crate::free_port`] can), and survives restarts
+//! under the same path, so clients keep their URL.
 
 use std::io::{Read, Write};
-use std::net::TcpStream;
-use std::path::PathBuf;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -11,18 +15,22 @@ use crate::process::Guarded;
 /// A running `redis-server`; stopped on drop.
 #[derive(Debug)]
 pub struct RedisServer {
-    port: u16,
     dir: tempfile::TempDir,
+    socket: PathBuf,
     binary: PathBuf,
     process: Option<Guarded>,
 }
 
 impl RedisServer {
-    /// Starts a fresh server on a free port and waits until it answers `PING`.
+    /// Starts a fresh server and waits until it answers `PING`.
     pub fn start() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("cc-redis")
+            .tempdir()
+            .expect("temp dir");
         let mut server = Self {
-            port: crate::free_port(),
-            dir: tempfile::tempdir().expect("temp dir"),
+            socket: dir.path().join("redis.sock"),
+            dir,
             binary: crate::find_binary("redis-server", &[], "redis-server"),
             process: None,
         };
@@ -30,14 +38,14 @@ impl RedisServer {
         server
     }
 
-    /// `redis://127.0.0.1:<port>`.
+    /// `unix://<dir>/redis.sock`, as `REDIS_URL` for the binaries and redis-rs.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        format!("unix://{}", self.socket.display())
     }
 
-    /// The port.
-    pub fn port(&self) -> u16 {
-        self.port
+    /// The server's Unix socket.
+    pub fn socket(&self) -> &Path {
+        &self.socket
     }
 
     /// Kills the server with SIGKILL: every key is lost (no persistence).
@@ -47,26 +55,35 @@ impl RedisServer {
         }
     }
 
-    /// Starts the server again on the same port (empty, unless it was never killed).
+    /// Starts the server again on the same socket (empty, unless it was never killed).
     pub fn restart(&mut self) {
         self.kill();
+        let _ = std::fs::remove_file(&self.socket);
         let mut command = Command::new(&self.binary);
         command
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+            .args(["--port", "0"])
+            .arg("--unixsocket")
+            .arg(&self.socket)
+            .args(["--unixsocketperm", "700"])
+            .args(["--save", "", "--appendonly", "no"])
             .arg("--dir")
             .arg(self.dir.path());
-        self.process = Some(Guarded::spawn("redis-server", &mut command));
-        let port = self.port;
+        let mut process = Guarded::spawn("redis-server", &mut command);
+        let socket = self.socket.clone();
+        let ready = crate::wait_until(Duration::from_secs(10), || {
+            process.has_exited() || ping(&socket)
+        });
         assert!(
-            crate::wait_until(Duration::from_secs(10), || ping(port)),
-            "redis-server did not answer PING on port {port}"
+            ready && !process.has_exited(),
+            "redis-server did not answer PING on {}",
+            self.socket.display()
         );
+        self.process = Some(process);
     }
 
-    /// Runs one command given as words (inline protocol) and returns the raw reply.
+    /// Runs one command given as words and returns the raw RESP reply.
     pub fn command(&self, words: &[&str]) -> String {
-        let mut stream = TcpStream::connect(("127.0.0.1", self.port)).expect("connect redis");
+        let mut stream = UnixStream::connect(&self.socket).expect("connect redis");
         let mut request = format!("*{}\r\n", words.len());
         for word in words {
             request.push_str(&format!("${}\r\n{word}\r\n", word.len()));
@@ -81,8 +98,8 @@ impl RedisServer {
     }
 }
 
-fn ping(port: u16) -> bool {
-    let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else {
+fn ping(socket: &Path) -> bool {
+    let Ok(mut stream) = UnixStream::connect(socket) else {
         return false;
     };
     let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));

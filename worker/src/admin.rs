@@ -45,6 +45,14 @@ impl Health {
         self.postgres.store(up, Ordering::Relaxed);
     }
 
+    /// Records whether `backend` answered.
+    pub fn set(&self, backend: crate::retry::Backend, up: bool) {
+        match backend {
+            crate::retry::Backend::Redis => self.set_redis(up),
+            crate::retry::Backend::Postgres => self.set_postgres(up),
+        }
+    }
+
     /// Records that the migrations ran.
     pub fn set_migrated(&self) {
         self.migrated.store(true, Ordering::Relaxed);

@@ -2,14 +2,16 @@
 //!
 //! Pure code: a [`Batch`] is built from what was read, holds the rows to write
 //! in one transaction and every entry id to acknowledge afterwards. An entry
-//! that cannot become a row (undecodable, or a value PostgreSQL would reject)
-//! becomes a [`DeadLetter`] instead of blocking its shard.
+//! that cannot become a row (undecodable, or a value PostgreSQL would reject),
+//! or that was delivered `MAX_DELIVERIES` times already, becomes a
+//! [`DeadLetter`] instead of blocking its shard.
 
 use std::collections::HashSet;
 
 use chatcluster_protocol::entry::PersistEntry;
 use uuid::Uuid;
 
+use crate::dead_letters::Cause;
 use crate::reply::RawEntry;
 
 /// Earliest timestamp accepted (0001-01-01T00:00:00Z), in ms since the epoch.
@@ -117,7 +119,9 @@ impl Rows {
 pub struct DeadLetter {
     /// Index of the entry in [`Batch::entries`].
     pub entry: usize,
-    /// Why it was rejected.
+    /// What kind of failure.
+    pub cause: Cause,
+    /// Why it was rejected, for the operator.
     pub reason: String,
 }
 
@@ -197,9 +201,10 @@ pub fn decode(entry: &RawEntry) -> Result<Option<Row>, String> {
 impl Batch {
     /// Builds a batch; an entry seen twice (same shard and id, e.g. read from
     /// the own pending list and claimed again) is kept once, and a message or
-    /// direct message with the same id is written once (any other duplicate key
-    /// is skipped by PostgreSQL on the idempotent path).
-    pub fn build(raw: Vec<RawEntry>) -> Self {
+    /// direct message with the same id is written once (a message id already
+    /// in PostgreSQL is skipped there). An entry on a delivery beyond
+    /// `max_deliveries` is not decoded: it becomes a dead letter.
+    pub fn build(raw: Vec<RawEntry>, max_deliveries: u64) -> Self {
         let mut batch = Self::default();
         let mut ids = HashSet::with_capacity(raw.len());
         let mut msg_ids = HashSet::with_capacity(raw.len());
@@ -210,6 +215,19 @@ impl Batch {
                 continue;
             }
             let index = batch.entries.len();
+            let delivery = entry.delivery.count();
+            if delivery > max_deliveries {
+                batch.dead.push(DeadLetter {
+                    entry: index,
+                    cause: Cause::MaxDeliveries,
+                    reason: format!(
+                        "delivered {delivery} times without being acknowledged \
+                         (MAX_DELIVERIES={max_deliveries}): it may crash the worker"
+                    ),
+                });
+                batch.entries.push(entry);
+                continue;
+            }
             match decode(&entry) {
                 Ok(None) => {}
                 Ok(Some(Row::Message(m))) => {
@@ -244,6 +262,7 @@ impl Batch {
                 }
                 Err(reason) => batch.dead.push(DeadLetter {
                     entry: index,
+                    cause: Cause::Poison,
                     reason,
                 }),
             }
@@ -268,6 +287,7 @@ mod tests {
     use chatcluster_protocol::entry::{StoredDirect, StoredMessage};
 
     use super::*;
+    use crate::reply::Delivery;
 
     fn raw(shard: u32, id: &str, entry: &PersistEntry) -> RawEntry {
         RawEntry {
@@ -280,6 +300,7 @@ mod tests {
                     .map(|(k, v)| (k.as_bytes().to_vec(), v))
                     .collect(),
             ),
+            delivery: Delivery::First,
         }
     }
 
@@ -307,42 +328,46 @@ mod tests {
             ts: 5,
             clock: 1,
         });
-        let batch = Batch::build(vec![
-            raw(0, "1-0", &message(1, 1, "x")),
-            raw(0, "1-0", &message(1, 1, "x")),
-            raw(1, "1-0", &message(1, 1, "x")),
-            raw(0, "2-0", &message(2, 2, "y")),
-            raw(2, "1-0", &dm),
-            raw(
-                3,
-                "1-0",
-                &PersistEntry::User {
-                    name: "bob".into(),
-                    ts: 1,
+        let batch = Batch::build(
+            vec![
+                raw(0, "1-0", &message(1, 1, "x")),
+                raw(0, "1-0", &message(1, 1, "x")),
+                raw(1, "1-0", &message(1, 1, "x")),
+                raw(0, "2-0", &message(2, 2, "y")),
+                raw(2, "1-0", &dm),
+                raw(
+                    3,
+                    "1-0",
+                    &PersistEntry::User {
+                        name: "bob".into(),
+                        ts: 1,
+                    },
+                ),
+                raw(
+                    3,
+                    "2-0",
+                    &PersistEntry::User {
+                        name: "bob".into(),
+                        ts: 2,
+                    },
+                ),
+                raw(
+                    1,
+                    "7-0",
+                    &PersistEntry::Channel {
+                        name: "geral".into(),
+                        ts: 1,
+                    },
+                ),
+                RawEntry {
+                    shard: 0,
+                    id: "3-0".into(),
+                    fields: None,
+                    delivery: Delivery::First,
                 },
-            ),
-            raw(
-                3,
-                "2-0",
-                &PersistEntry::User {
-                    name: "bob".into(),
-                    ts: 2,
-                },
-            ),
-            raw(
-                1,
-                "7-0",
-                &PersistEntry::Channel {
-                    name: "geral".into(),
-                    ts: 1,
-                },
-            ),
-            RawEntry {
-                shard: 0,
-                id: "3-0".into(),
-                fields: None,
-            },
-        ]);
+            ],
+            5,
+        );
         assert_eq!(batch.len(), 8, "the same shard+id is one entry");
         assert_eq!(
             batch.rows.messages.len(),
@@ -372,21 +397,25 @@ mod tests {
                 (b"o".to_vec(), b"1".to_vec()),
                 (b"d".to_vec(), b"\xc1".to_vec()),
             ]),
+            delivery: Delivery::First,
         };
-        let batch = Batch::build(vec![
-            raw(0, "1-0", &message(1, 1, "ok")),
-            garbage,
-            raw(0, "3-0", &message(2, 2, "nul\0byte")),
-            raw(0, "4-0", &message(3, 3, "ok")),
-            raw(
-                0,
-                "5-0",
-                &PersistEntry::User {
-                    name: "old".into(),
-                    ts: i64::MIN,
-                },
-            ),
-        ]);
+        let batch = Batch::build(
+            vec![
+                raw(0, "1-0", &message(1, 1, "ok")),
+                garbage,
+                raw(0, "3-0", &message(2, 2, "nul\0byte")),
+                raw(0, "4-0", &message(3, 3, "ok")),
+                raw(
+                    0,
+                    "5-0",
+                    &PersistEntry::User {
+                        name: "old".into(),
+                        ts: i64::MIN,
+                    },
+                ),
+            ],
+            5,
+        );
         assert_eq!(batch.rows.messages.len(), 2);
         let dead: Vec<_> = batch
             .dead
@@ -398,10 +427,49 @@ mod tests {
         assert!(dead[0].1.contains("undecodable payload"), "{dead:?}");
         assert!(dead[1].1.contains("NUL"), "{dead:?}");
         assert!(dead[2].1.contains("outside years"), "{dead:?}");
+        assert!(batch.dead.iter().all(|d| d.cause == Cause::Poison));
         assert_eq!(
             batch.len(),
             5,
             "dead letters are acknowledged with the batch"
+        );
+    }
+
+    #[test]
+    fn entries_delivered_too_often_become_dead_letters_unread() {
+        let again = |n: u64, offset: u64| {
+            let mut entry = raw(
+                0,
+                &format!("{offset}-0"),
+                &message(offset, offset.into(), "x"),
+            );
+            entry.delivery = Delivery::Again(n);
+            entry
+        };
+        let batch = Batch::build(
+            vec![again(3, 1), again(4, 2), raw(0, "3-0", &message(3, 3, "x"))],
+            3,
+        );
+        assert_eq!(batch.len(), 3);
+        assert_eq!(
+            batch
+                .rows
+                .messages
+                .iter()
+                .map(|m| m.offset)
+                .collect::<Vec<_>>(),
+            [1, 3],
+            "the third delivery is still written; the fourth is not"
+        );
+        assert_eq!(batch.dead.len(), 1);
+        assert_eq!(
+            (batch.dead[0].entry, batch.dead[0].cause),
+            (1, Cause::MaxDeliveries)
+        );
+        assert!(
+            batch.dead[0].reason.contains("delivered 4 times"),
+            "{:?}",
+            batch.dead
         );
     }
 

@@ -1,11 +1,16 @@
 //! Command line and environment configuration.
 //!
 //! Every knob is a `--flag` and an environment variable with a default, parsed
-//! once by `main` into [`Args`] and turned into the typed [`Config`] that
+//! once by `main` into [`Cli`] and turned into the typed [`Config`] that
 //! [`crate::run`] takes; nothing below reads the environment.
 
+use std::fmt;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
+
+use crate::batch::Rows;
+use crate::dead_letters::Cause;
 
 /// How a batch of channel messages and direct messages is written.
 ///
@@ -29,21 +34,107 @@ pub enum LogFormat {
     Json,
 }
 
-/// The worker's command line; each flag also reads the environment variable shown.
+/// The worker's command line: without a subcommand it runs the worker; each
+/// flag also reads the environment variable shown.
 #[derive(Debug, Clone, clap::Parser)]
 #[command(
     name = "chatcluster-worker",
     version,
-    about = "Persists chatcluster's Redis persistence streams into PostgreSQL"
+    about = "Persists chatcluster's Redis persistence streams into PostgreSQL",
+    subcommand_negates_reqs = true
 )]
+pub struct Cli {
+    /// A tool instead of the worker.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    /// The worker's settings.
+    #[command(flatten)]
+    pub run: Args,
+}
+
+/// Subcommands.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Command {
+    /// Inspect or replay dead letters (entries the worker did not write).
+    #[command(subcommand)]
+    DeadLetters(DeadLettersCommand),
+}
+
+/// `dead-letters` subcommands.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum DeadLettersCommand {
+    /// Print dead letters, oldest first: `<shard>/<id>`, cause, what the entry holds, why.
+    List(ListArgs),
+    /// Append dead letters' original entries to their persistence stream again and
+    /// delete the letters (fix the cause first: an entry that fails again comes back).
+    Replay(ReplayArgs),
+}
+
+/// Where the dead letters are.
+#[derive(Debug, Clone, clap::Args)]
+pub struct StreamArgs {
+    /// Redis holding the persistence and dead-letter streams.
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    pub redis_url: String,
+
+    /// Number of persistence stream shards (as the worker's STREAM_SHARDS).
+    #[arg(long, env = "STREAM_SHARDS", default_value_t = 4,
+          value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub stream_shards: u32,
+
+    /// Only this shard.
+    #[arg(long)]
+    pub shard: Option<u32>,
+
+    /// Only letters of this cause.
+    #[arg(long, value_enum)]
+    pub cause: Option<Cause>,
+}
+
+/// `dead-letters list`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ListArgs {
+    /// Where and which.
+    #[command(flatten)]
+    pub streams: StreamArgs,
+
+    /// Most letters printed.
+    #[arg(long, default_value_t = 100)]
+    pub limit: usize,
+
+    /// One JSON object per line (with every original field) instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `dead-letters replay`.
+#[derive(Debug, Clone, clap::Args)]
+#[command(group = clap::ArgGroup::new("which").required(true).args(["id", "all"]))]
+pub struct ReplayArgs {
+    /// Where and which (with --all).
+    #[command(flatten)]
+    pub streams: StreamArgs,
+
+    /// A letter to replay, `<shard>/<id>` as `list` prints it (repeatable).
+    #[arg(long)]
+    pub id: Vec<String>,
+
+    /// Every letter present now (of --shard and --cause when given).
+    #[arg(long)]
+    pub all: bool,
+}
+
+/// The worker's settings.
+#[derive(Debug, Clone, clap::Args)]
 pub struct Args {
     /// Redis holding the persistence streams.
     #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
     pub redis_url: String,
 
     /// PostgreSQL to write to, e.g. postgres://chat:secret@db:5432/chat.
-    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
-    pub database_url: String,
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true, required = true)]
+    pub database_url: Option<String>,
 
     /// Consumer name in the `persist` group [default: the host name].
     #[arg(long, env = "WORKER_ID")]
@@ -84,6 +175,18 @@ pub struct Args {
     /// (what is left stays pending and is claimed by another worker).
     #[arg(long, env = "DRAIN_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
+
+    /// Deliveries of one entry without an acknowledgement (crashes, timeouts) before it is
+    /// moved to the dead letters instead of being tried again (at least 3: an entry that
+    /// was only in the same batch as a crashing one is delivered up to 3 times).
+    #[arg(long, env = "MAX_DELIVERIES", default_value_t = 5,
+          value_parser = clap::value_parser!(u64).range(3..=1000))]
+    pub max_deliveries: u64,
+
+    /// Most entries kept in each shard's dead-letter stream `cc:{sN}:dead` (the oldest go first).
+    #[arg(long, env = "DEAD_LETTER_MAXLEN", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
+    pub dead_letter_maxlen: u64,
 
     /// Log filter (tracing EnvFilter syntax), e.g. `info,chatcluster_worker=debug`.
     #[arg(long = "log", env = "RUST_LOG", default_value = "info")]
@@ -127,6 +230,31 @@ pub struct Config {
     pub write_mode: WriteMode,
     /// Longest drain on shutdown.
     pub drain_timeout: Duration,
+    /// Deliveries before an unacknowledged entry becomes a dead letter.
+    pub max_deliveries: u64,
+    /// Most entries per dead-letter stream.
+    pub dead_letter_maxlen: u64,
+    /// Test hooks (none in production).
+    pub hooks: Hooks,
+}
+
+/// Called before every write of rows to PostgreSQL.
+pub type BeforeWrite = Arc<dyn Fn(&Rows) + Send + Sync>;
+
+/// Points where tests step into the pipeline, e.g. to make a writer panic on
+/// a chosen message and drive crash loops deterministically.
+#[derive(Clone, Default)]
+pub struct Hooks {
+    /// Runs in the writer task before each write attempt.
+    pub before_write: Option<BeforeWrite>,
+}
+
+impl fmt::Debug for Hooks {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Hooks")
+            .field("before_write", &self.before_write.is_some())
+            .finish()
+    }
 }
 
 impl Config {
@@ -147,16 +275,20 @@ impl Config {
             writers: 2,
             write_mode: WriteMode::Unnest,
             drain_timeout: Duration::from_secs(20),
+            max_deliveries: 5,
+            dead_letter_maxlen: 10_000,
+            hooks: Hooks::default(),
         }
     }
 }
 
 impl Args {
-    /// The typed configuration; `hostname` names the consumer when `WORKER_ID` is unset.
-    pub fn into_config(self, hostname: impl FnOnce() -> String) -> Config {
-        Config {
+    /// The typed configuration; `hostname` names the consumer when `WORKER_ID`
+    /// is unset. `None` without a database URL (only possible with a subcommand).
+    pub fn into_config(self, hostname: impl FnOnce() -> String) -> Option<Config> {
+        Some(Config {
             redis_url: self.redis_url,
-            database_url: self.database_url,
+            database_url: self.database_url?,
             worker_id: self
                 .worker_id
                 .filter(|id| !id.is_empty())
@@ -168,7 +300,10 @@ impl Args {
             writers: self.writers as usize,
             write_mode: self.write_mode,
             drain_timeout: self.drain_timeout,
-        }
+            max_deliveries: self.max_deliveries,
+            dead_letter_maxlen: self.dead_letter_maxlen,
+            hooks: Hooks::default(),
+        })
     }
 }
 
@@ -198,10 +333,14 @@ mod tests {
     use super::*;
     use clap::Parser;
 
+    fn parse(argv: &[&str]) -> Result<Args, clap::Error> {
+        Cli::try_parse_from(argv).map(|cli| cli.run)
+    }
+
     #[test]
     fn defaults_match_the_contract() {
-        let args = Args::try_parse_from(["w", "--database-url", "postgres://x"]).unwrap();
-        let config = args.clone().into_config(|| "host-1".to_owned());
+        let args = parse(&["w", "--database-url", "postgres://x"]).unwrap();
+        let config = args.clone().into_config(|| "host-1".to_owned()).unwrap();
         assert_eq!(args.redis_url, "redis://127.0.0.1:6379");
         assert_eq!(args.admin_addr.to_string(), "0.0.0.0:9091");
         assert_eq!(config.worker_id, "host-1");
@@ -210,11 +349,13 @@ mod tests {
         assert_eq!(config.claim_idle, Duration::from_secs(30));
         assert_eq!(config.stream_shards, 4);
         assert_eq!(config.write_mode, WriteMode::Unnest);
+        assert_eq!(config.max_deliveries, 5);
+        assert_eq!(config.dead_letter_maxlen, 10_000);
     }
 
     #[test]
     fn flags_parse_durations_and_reject_nonsense() {
-        let args = Args::try_parse_from([
+        let args = parse(&[
             "w",
             "--database-url",
             "postgres://x",
@@ -226,25 +367,70 @@ mod tests {
             "w-7",
             "--write-mode",
             "copy",
+            "--max-deliveries",
+            "7",
+            "--dead-letter-maxlen",
+            "50",
         ])
         .unwrap();
         assert_eq!(args.batch_timeout, Duration::from_millis(250));
         assert_eq!(args.claim_idle, Duration::from_secs(60));
         assert_eq!(args.write_mode, WriteMode::Copy);
-        assert_eq!(args.into_config(|| unreachable!()).worker_id, "w-7");
+        let config = args.into_config(|| unreachable!()).unwrap();
+        assert_eq!(config.worker_id, "w-7");
+        assert_eq!((config.max_deliveries, config.dead_letter_maxlen), (7, 50));
         for bad in [
             ["--batch-timeout", "soon"],
             ["--batch-timeout", "0s"],
             ["--batch-size", "0"],
             ["--stream-shards", "0"],
+            ["--max-deliveries", "2"],
+            ["--dead-letter-maxlen", "0"],
         ] {
             let mut argv = vec!["w", "--database-url", "postgres://x"];
             argv.extend(bad);
-            assert!(Args::try_parse_from(argv).is_err(), "{bad:?} accepted");
+            assert!(parse(&argv).is_err(), "{bad:?} accepted");
         }
+        let missing = parse(&["w"]).unwrap_err().to_string();
+        assert!(missing.contains("--database-url"), "{missing}");
+    }
+
+    #[test]
+    fn dead_letter_commands_need_no_database() {
+        let cli = Cli::try_parse_from([
+            "w",
+            "dead-letters",
+            "list",
+            "--cause",
+            "offset_clash",
+            "--json",
+        ])
+        .unwrap();
+        let Some(Command::DeadLetters(DeadLettersCommand::List(list))) = cli.command else {
+            panic!("not a list: {cli:?}");
+        };
+        assert_eq!(list.streams.cause, Some(Cause::OffsetClash));
+        assert!(list.json && list.limit == 100 && list.streams.shard.is_none());
+        let cli = Cli::try_parse_from([
+            "w",
+            "dead-letters",
+            "replay",
+            "--id",
+            "1/5-0",
+            "--id",
+            "2/6-0",
+        ])
+        .unwrap();
+        let Some(Command::DeadLetters(DeadLettersCommand::Replay(replay))) = cli.command else {
+            panic!("not a replay: {cli:?}");
+        };
+        assert_eq!(replay.id, ["1/5-0", "2/6-0"]);
         assert!(
-            Args::try_parse_from(["w"]).is_err(),
-            "DATABASE_URL is required"
+            Cli::try_parse_from(["w", "dead-letters", "replay"]).is_err(),
+            "replay needs --id or --all"
+        );
+        assert!(
+            Cli::try_parse_from(["w", "dead-letters", "replay", "--all", "--id", "1/5-0"]).is_err()
         );
     }
 

@@ -54,6 +54,18 @@ pub enum Error {
     /// The admin server stopped with an error.
     #[error("admin server failed: {0}")]
     Serve(#[source] std::io::Error),
+    /// A task of the pipeline panicked (a bug): the worker stops, so that its
+    /// pod restarts; what it held stays pending and is delivered again.
+    #[error(
+        "the {task} task panicked; stopping (entries it held stay pending and are delivered again)"
+    )]
+    TaskPanicked {
+        /// Which task.
+        task: &'static str,
+    },
+    /// A command-line tool was given something it cannot use.
+    #[error("{0}")]
+    Usage(String),
 }
 
 impl Error {
@@ -65,6 +77,8 @@ impl Error {
             Self::Postgres(_) => "postgres",
             Self::Migrate(_) => "migrate",
             Self::Bind { .. } | Self::Serve(_) => "admin",
+            Self::TaskPanicked { .. } => "panic",
+            Self::Usage(_) => "usage",
         }
     }
 }

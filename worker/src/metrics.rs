@@ -7,6 +7,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use crate::dead_letters::Cause;
 use crate::store::Written;
 
 /// Label of per-table counters.
@@ -21,6 +22,13 @@ pub struct TableLabel {
 pub struct ShardLabel {
     /// The persistence shard number.
     pub shard: u32,
+}
+
+/// Label of dead-letter counters.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CauseLabel {
+    /// `poison`, `rejected`, `offset_clash` or `max_deliveries`.
+    pub cause: &'static str,
 }
 
 /// Label of per-backend series.
@@ -49,10 +57,15 @@ pub struct Metrics {
     pub stream_lag: Family<ShardLabel, Gauge>,
     /// Entries delivered and not acknowledged, per shard.
     pub stream_pending: Family<ShardLabel, Gauge>,
-    /// Entries claimed from other consumers with XAUTOCLAIM.
+    /// Entries taken over from idle consumers.
     pub claimed: Counter,
-    /// Entries moved to a dead-letter stream.
-    pub dead_lettered: Counter,
+    /// Entries taken back from this consumer's own pending list (after a
+    /// restart, or after a read whose reply was lost).
+    pub recovered: Counter,
+    /// Entries moved to a dead-letter stream, per cause.
+    pub dead_lettered: Family<CauseLabel, Counter>,
+    /// Entries in each shard's dead-letter stream.
+    pub dead_letters: Family<ShardLabel, Gauge>,
     /// Failed attempts (each followed by a retry), per backend.
     pub errors: Family<BackendLabel, Counter>,
     /// 1 while the backend answers, per backend.
@@ -71,7 +84,9 @@ impl Default for Metrics {
             stream_lag: Family::default(),
             stream_pending: Family::default(),
             claimed: Counter::default(),
-            dead_lettered: Counter::default(),
+            recovered: Counter::default(),
+            dead_lettered: Family::default(),
+            dead_letters: Family::default(),
             errors: Family::default(),
             up: Family::default(),
         }
@@ -125,13 +140,23 @@ impl Metrics {
         );
         sub.register(
             "claimed",
-            "Entries claimed from idle consumers (XAUTOCLAIM)",
+            "Entries taken over from idle consumers",
             m.claimed.clone(),
         );
         sub.register(
+            "recovered",
+            "Entries taken back from this consumer's own pending list",
+            m.recovered.clone(),
+        );
+        sub.register(
             "dead_lettered",
-            "Poison entries moved to a dead-letter stream",
+            "Entries moved to a dead-letter stream, per cause",
             m.dead_lettered.clone(),
+        );
+        sub.register(
+            "dead_letters",
+            "Entries in the dead-letter stream, per shard",
+            m.dead_letters.clone(),
         );
         sub.register(
             "errors",
@@ -169,6 +194,20 @@ impl Metrics {
         self.up.get_or_create(&BackendLabel { backend }).set(1);
     }
 
+    /// Records a backend not answering a probe.
+    pub fn unreachable(&self, backend: &'static str) {
+        self.up.get_or_create(&BackendLabel { backend }).set(0);
+    }
+
+    /// Counts one dead letter of `cause`.
+    pub fn dead_letter(&self, cause: Cause) {
+        self.dead_lettered
+            .get_or_create(&CauseLabel {
+                cause: cause.label(),
+            })
+            .inc();
+    }
+
     /// The sum of rows written to `table` so far.
     pub fn rows(&self, table: &'static str) -> u64 {
         self.rows_written.get_or_create(&TableLabel { table }).get()
@@ -193,6 +232,7 @@ mod tests {
             .get_or_create(&ShardLabel { shard: 2 })
             .set(7);
         metrics.failed("postgres");
+        metrics.dead_letter(Cause::OffsetClash);
         metrics.batch_duration.observe(0.01);
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
@@ -204,7 +244,8 @@ mod tests {
             "chatcluster_worker_up{backend=\"postgres\"} 0",
             "chatcluster_worker_batch_duration_seconds_count 1",
             "chatcluster_worker_claimed_total 0",
-            "chatcluster_worker_dead_lettered_total 0",
+            "chatcluster_worker_recovered_total 0",
+            "chatcluster_worker_dead_lettered_total{cause=\"offset_clash\"} 1",
         ] {
             assert!(text.contains(expected), "{expected} missing in\n{text}");
         }

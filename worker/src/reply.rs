@@ -1,4 +1,4 @@
-//! Reading stream replies (`XREADGROUP`, `XAUTOCLAIM`) from raw Redis values.
+//! Reading stream replies (`XREADGROUP`, `XRANGE`, `XPENDING`, `XCLAIM`) from raw Redis values.
 //!
 //! The typed replies of redis-rs collect fields into a `HashMap<String, _>`:
 //! an entry with a non-UTF-8 field name would fail the whole reply and a
@@ -20,18 +20,38 @@ pub struct RawEntry {
     /// Field/value pairs in order; `None` for an entry that is pending but was
     /// deleted from the stream (it only needs its acknowledgement).
     pub fields: Option<Vec<(Vec<u8>, Vec<u8>)>>,
+    /// Which delivery of the entry this is.
+    pub delivery: Delivery,
+}
+
+/// How often an entry has been handed to a worker, as the group's pending
+/// list counts it (`XPENDING`'s delivery count).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Delivery {
+    /// Read as new (`XREADGROUP >`): Redis counted this delivery as the first.
+    #[default]
+    First,
+    /// Taken back from a pending list (this consumer's after a crash or a lost
+    /// reply, or a dead consumer's): the `n`-th delivery, which the reader
+    /// records in Redis (`XCLAIM ... RETRYCOUNT n`) when it hands the entry on.
+    Again(u64),
+}
+
+impl Delivery {
+    /// The delivery's number: 1 for the first.
+    pub fn count(self) -> u64 {
+        match self {
+            Self::First => 1,
+            Self::Again(n) => n,
+        }
+    }
 }
 
 impl RawEntry {
     /// A compact key for the entry: shard and the two numbers of its id
     /// (`<ms>-<seq>`), cheap to hash.
     pub fn key(&self) -> EntryKey {
-        let (ms, seq) = self.id.split_once('-').unwrap_or((&self.id, "0"));
-        EntryKey {
-            shard: self.shard,
-            ms: ms.parse().unwrap_or(u64::MAX),
-            seq: seq.parse().unwrap_or(u64::MAX),
-        }
+        EntryKey::new(self.shard, &self.id)
     }
 }
 
@@ -47,6 +67,16 @@ pub struct EntryKey {
 }
 
 impl EntryKey {
+    /// The key of entry `id` of `shard`.
+    pub fn new(shard: u32, id: &str) -> Self {
+        let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
+        Self {
+            shard,
+            ms: ms.parse().unwrap_or(u64::MAX),
+            seq: seq.parse().unwrap_or(u64::MAX),
+        }
+    }
+
     /// The stream id, `<ms>-<seq>`.
     pub fn id(&self) -> String {
         format!("{}-{}", self.ms, self.seq)
@@ -71,13 +101,6 @@ fn text(value: &Value, command: &'static str, what: &str) -> Result<String> {
 
 fn reply_error(command: &'static str, detail: String) -> Error {
     Error::Reply { command, detail }
-}
-
-fn items(value: &Value) -> Option<&[Value]> {
-    match value {
-        Value::Array(items) | Value::Set(items) => Some(items),
-        _ => None,
-    }
 }
 
 /// The bytes of a string value, moved out of it.
@@ -131,7 +154,12 @@ fn entry(shard: u32, value: Value, command: &'static str) -> Result<RawEntry> {
             Some(pairs)
         }
     };
-    Ok(RawEntry { shard, id, fields })
+    Ok(RawEntry {
+        shard,
+        id,
+        fields,
+        delivery: Delivery::First,
+    })
 }
 
 fn entries(shard: u32, value: Value, command: &'static str, out: &mut Vec<RawEntry>) -> Result<()> {
@@ -141,7 +169,7 @@ fn entries(shard: u32, value: Value, command: &'static str, out: &mut Vec<RawEnt
     let list = into_items(value).map_err(|v| reply_error(command, format!("entries are {v:?}")))?;
     out.reserve(list.len());
     for item in list {
-        // Redis 6 answers XAUTOCLAIM with nil for entries deleted meanwhile.
+        // Redis 6 answers with nil for pending entries deleted meanwhile.
         if item != Value::Nil {
             out.push(entry(shard, item, command)?);
         }
@@ -185,39 +213,55 @@ pub fn parse_read(
     Ok(out)
 }
 
-/// A parsed `XAUTOCLAIM` reply.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AutoClaim {
-    /// Cursor for the next call (`0-0` when the scan wrapped around).
-    pub next: String,
-    /// Entries now owned by this consumer.
-    pub claimed: Vec<RawEntry>,
-    /// Ids that were pending but no longer exist (Redis removed them from the PEL).
-    pub deleted: Vec<String>,
+/// Parses an `XRANGE` reply of shard `shard` (empty when the entry is gone).
+pub fn parse_range(shard: u32, value: Value) -> Result<Vec<RawEntry>> {
+    let mut out = Vec::new();
+    entries(shard, value, "XRANGE", &mut out)?;
+    Ok(out)
 }
 
-/// Parses an `XAUTOCLAIM` reply of shard `shard`.
-pub fn parse_autoclaim(shard: u32, value: Value) -> Result<AutoClaim> {
-    const COMMAND: &str = "XAUTOCLAIM";
-    let parts = into_items(value).map_err(|v| reply_error(COMMAND, format!("{v:?}")))?;
-    let mut parts = parts.into_iter();
-    let (Some(next), Some(list), deleted) = (parts.next(), parts.next(), parts.next()) else {
-        return Err(reply_error(COMMAND, "fewer than 2 parts".to_owned()));
-    };
-    let deleted = deleted.as_ref();
-    let mut claimed = Vec::new();
-    entries(shard, list, COMMAND, &mut claimed)?;
-    let deleted = deleted
-        .and_then(items)
-        .unwrap_or_default()
+/// One entry of a consumer group's pending list (`XPENDING` extended form).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pending {
+    /// The stream entry id.
+    pub id: String,
+    /// The consumer holding it.
+    pub consumer: String,
+    /// Milliseconds since it was last delivered (or re-claimed).
+    pub idle_ms: u64,
+    /// How many times it was delivered.
+    pub deliveries: u64,
+}
+
+/// Parses an extended `XPENDING` reply: `[[id, consumer, idle, deliveries], ...]`.
+pub fn parse_pending(value: Value) -> Result<Vec<Pending>> {
+    const COMMAND: &str = "XPENDING";
+    let list = into_items(value).map_err(|v| reply_error(COMMAND, format!("{v:?}")))?;
+    list.into_iter()
+        .map(|item| {
+            let parts = into_items(item)
+                .map_err(|v| reply_error(COMMAND, format!("pending entry {v:?}")))?;
+            match parts.as_slice() {
+                [id, consumer, Value::Int(idle), Value::Int(deliveries)] => Ok(Pending {
+                    id: text(id, COMMAND, "id")?,
+                    consumer: text(consumer, COMMAND, "consumer")?,
+                    idle_ms: (*idle).max(0) as u64,
+                    deliveries: (*deliveries).max(0) as u64,
+                }),
+                other => Err(reply_error(COMMAND, format!("pending entry {other:?}"))),
+            }
+        })
+        .collect()
+}
+
+/// Parses a `XCLAIM ... JUSTID` reply: the ids now owned by the caller.
+pub fn parse_ids(value: Value) -> Result<Vec<String>> {
+    const COMMAND: &str = "XCLAIM";
+    into_items(value)
+        .map_err(|v| reply_error(COMMAND, format!("{v:?}")))?
         .iter()
-        .map(|id| text(id, COMMAND, "deleted id"))
-        .collect::<Result<_>>()?;
-    Ok(AutoClaim {
-        next: text(&next, COMMAND, "cursor")?,
-        claimed,
-        deleted,
-    })
+        .map(|id| text(id, COMMAND, "id"))
+        .collect()
 }
 
 #[cfg(test)]
@@ -293,20 +337,34 @@ mod tests {
     }
 
     #[test]
-    fn reads_autoclaim_with_deleted_ids() {
-        let reply = Value::Array(vec![
-            bulk(b"0-0"),
-            Value::Array(vec![Value::Array(vec![
-                bulk(b"3-0"),
-                Value::Array(vec![bulk(b"k"), bulk(b"chan")]),
-            ])]),
-            Value::Array(vec![bulk(b"2-0")]),
-        ]);
-        let claim = parse_autoclaim(3, reply).unwrap();
-        assert_eq!(claim.next, "0-0");
-        assert_eq!(claim.claimed[0].shard, 3);
-        assert_eq!(claim.claimed[0].id, "3-0");
-        assert_eq!(claim.deleted, ["2-0"]);
-        assert!(parse_autoclaim(0, Value::Int(1)).is_err());
+    fn reads_pending_lists_ranges_and_claimed_ids() {
+        let reply = Value::Array(vec![Value::Array(vec![
+            bulk(b"3-0"),
+            bulk(b"w1"),
+            Value::Int(1500),
+            Value::Int(4),
+        ])]);
+        assert_eq!(
+            parse_pending(reply).unwrap(),
+            [Pending {
+                id: "3-0".into(),
+                consumer: "w1".into(),
+                idle_ms: 1500,
+                deliveries: 4
+            }]
+        );
+        assert!(parse_pending(Value::Array(vec![Value::Int(1)])).is_err());
+        let range = Value::Array(vec![Value::Array(vec![
+            bulk(b"3-0"),
+            Value::Array(vec![bulk(b"k"), bulk(b"chan")]),
+        ])]);
+        let entries = parse_range(2, range).unwrap();
+        assert_eq!((entries[0].shard, entries[0].id.as_str()), (2, "3-0"));
+        assert_eq!(entries[0].delivery, Delivery::First);
+        assert!(parse_range(2, Value::Array(vec![])).unwrap().is_empty());
+        assert_eq!(
+            parse_ids(Value::Array(vec![bulk(b"1-0"), bulk(b"2-0")])).unwrap(),
+            ["1-0", "2-0"]
+        );
     }
 }

@@ -1,10 +1,14 @@
 //! PostgreSQL: schema migrations and the idempotent batch write.
 //!
-//! One batch is one transaction, and writing it twice adds no row: the unique
-//! keys (`messages`: `(channel, channel_offset)` and `msg_id`;
-//! `direct_messages`: `msg_id`; `users`/`channels`: `name`) turn a redelivered
-//! entry into a conflict, and conflicts are skipped with `ON CONFLICT DO NOTHING`.
-//! At-least-once from the stream, exactly-once in the tables.
+//! One batch is one transaction, and writing it twice adds no row: a message or
+//! direct message whose `msg_id` is already stored is skipped
+//! (`ON CONFLICT (msg_id) DO NOTHING`), as are users and channels already
+//! registered. At-least-once from the stream, exactly-once in the tables.
+//!
+//! The conflict target is the message id only: a *different* message at a
+//! `(channel, channel_offset)` already taken (offsets reused after Redis lost
+//! state) still fails the insert on the primary key, and the worker moves it
+//! to the dead letters ([`clash`]) instead of dropping it without a word.
 //!
 //! `ON CONFLICT` costs about 40 % of an insert's time, and redelivery is rare
 //! (a crash between commit and `XACK`). So messages and direct messages are
@@ -46,7 +50,7 @@ INSERT INTO messages (channel, channel_offset, msg_id, user_name, body, sent_at,
 SELECT c, o, m, u, b, timestamptz 'epoch' + t * interval '1 millisecond', k
 FROM UNNEST($1::text[], $2::int8[], $3::uuid[], $4::text[], $5::text[], $6::int8[], $7::int8[])
      AS r(c, o, m, u, b, t, k)
-ON CONFLICT DO NOTHING";
+ON CONFLICT (msg_id) DO NOTHING";
 
 const MESSAGES_COPY: &str = "\
 COPY messages (channel, channel_offset, msg_id, user_name, body, sent_at, clock) FROM STDIN";
@@ -55,7 +59,7 @@ const MESSAGES_FROM_STAGE: &str = "\
 INSERT INTO messages (channel, channel_offset, msg_id, user_name, body, sent_at, clock)
 SELECT channel, channel_offset, msg_id, user_name, body, sent_at, clock
 FROM stage_messages
-ON CONFLICT DO NOTHING";
+ON CONFLICT (msg_id) DO NOTHING";
 
 const DIRECTS_UNNEST: &str = "\
 INSERT INTO direct_messages (msg_id, from_user, to_user, body, sent_at, clock)
@@ -68,7 +72,7 @@ INSERT INTO direct_messages (msg_id, from_user, to_user, body, sent_at, clock)
 SELECT m, f, t, b, timestamptz 'epoch' + s * interval '1 millisecond', k
 FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int8[], $6::int8[])
      AS r(m, f, t, b, s, k)
-ON CONFLICT DO NOTHING";
+ON CONFLICT (msg_id) DO NOTHING";
 
 const DIRECTS_COPY: &str = "\
 COPY direct_messages (msg_id, from_user, to_user, body, sent_at, clock) FROM STDIN";
@@ -77,7 +81,7 @@ const DIRECTS_FROM_STAGE: &str = "\
 INSERT INTO direct_messages (msg_id, from_user, to_user, body, sent_at, clock)
 SELECT msg_id, from_user, to_user, body, sent_at, clock
 FROM stage_directs
-ON CONFLICT DO NOTHING";
+ON CONFLICT (msg_id) DO NOTHING";
 
 const USERS_UNNEST: &str = "\
 INSERT INTO users (name, created_at)
@@ -96,9 +100,13 @@ ON CONFLICT DO NOTHING";
 pub enum Insert {
     /// Plain inserts: fastest, and fails whole on a unique violation.
     Optimistic,
-    /// `ON CONFLICT DO NOTHING`: rows already present are skipped.
+    /// `ON CONFLICT (msg_id) DO NOTHING` (names: `ON CONFLICT DO NOTHING`):
+    /// rows already present are skipped.
     Idempotent,
 }
+
+/// The primary key of `messages`: `(channel, channel_offset)`.
+const MESSAGES_PKEY: &str = "messages_pkey";
 
 /// Rows inserted by one transaction, per table (rows already present are not counted).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -170,6 +178,17 @@ impl Store {
         }
     }
 
+    /// The id of the message stored at `offset` of `channel`, if any.
+    pub async fn message_at(&self, channel: &str, offset: i64) -> Result<Option<uuid::Uuid>> {
+        Ok(sqlx::query_scalar(
+            "SELECT msg_id FROM messages WHERE channel = $1 AND channel_offset = $2",
+        )
+        .bind(channel)
+        .bind(offset)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
     /// Writes `rows` in one transaction, treating existing rows as `insert` says.
     pub async fn write_with(&self, rows: &Rows, insert: Insert) -> Result<Written, sqlx::Error> {
         let mut tx = self.pool.begin().await?;
@@ -223,6 +242,13 @@ impl Store {
 /// Whether the error is a unique violation (SQLSTATE 23505).
 pub fn is_unique_violation(error: &sqlx::Error) -> bool {
     matches!(error, sqlx::Error::Database(db) if db.code().as_deref() == Some("23505"))
+}
+
+/// Whether a write failed because a message's `(channel, channel_offset)`
+/// already holds a message with another id: an offset used twice.
+pub fn clash(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Database(db)
+        if db.code().as_deref() == Some("23505") && db.constraint() == Some(MESSAGES_PKEY))
 }
 
 /// Whether a failed write will fail the same way on every retry, because of

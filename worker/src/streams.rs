@@ -1,23 +1,26 @@
 //! Redis side of the worker: the `persist` consumer group on every shard.
 //!
-//! Reading (`XREADGROUP`), claiming from dead consumers (`XAUTOCLAIM`),
-//! keeping in-flight entries ours (`XCLAIM ... JUSTID`), and finishing a batch:
-//! dead letters written, entries acknowledged and deleted, all in one
-//! `MULTI`/`EXEC` so an entry is never acknowledged without its dead letter and
-//! never left in the stream once acknowledged. Deleting acknowledged entries
-//! (`XACK` + `XDEL`) keeps a stream's length equal to its backlog.
+//! Reading (`XREADGROUP`); taking entries back from a pending list
+//! (`XPENDING` for their ids and delivery counts, `XCLAIM ... JUSTID` to own
+//! them without counting a delivery, `XRANGE` for their fields); recording a
+//! delivery (`XCLAIM ... RETRYCOUNT`); keeping in-flight entries ours; and
+//! finishing a batch: dead letters written, entries acknowledged and deleted,
+//! all in one `MULTI`/`EXEC` so an entry is never acknowledged without its dead
+//! letter and never left in the stream once acknowledged. Deleting acknowledged
+//! entries (`XACK` + `XDEL`) keeps a stream's length equal to its backlog.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use chatcluster_protocol::keys::{PERSIST_GROUP, dead_letter_key, persist_key};
 use redis::aio::ConnectionManager;
-use redis::streams::{StreamAutoClaimOptions, StreamInfoGroupsReply, StreamReadOptions};
+use redis::streams::{StreamInfoGroupsReply, StreamReadOptions};
 use redis::{AsyncCommands, Value};
 
 use crate::batch::Batch;
+use crate::dead_letters;
 use crate::error::{Error, Result};
-use crate::reply::{self, AutoClaim, RawEntry};
+use crate::reply::{self, Delivery, EntryKey, Pending, RawEntry};
 
 /// Deletes a consumer only if it holds no pending entry, atomically: deleting
 /// a consumer drops its pending entries, which would then never be delivered.
@@ -44,6 +47,19 @@ pub struct ShardLag {
     pub lag: u64,
     /// Entries delivered but not acknowledged.
     pub pending: u64,
+    /// Entries in the shard's dead-letter stream.
+    pub dead: u64,
+}
+
+/// Which part of a group's pending list to list.
+#[derive(Debug, Clone, Copy)]
+pub enum Holder<'a> {
+    /// This consumer's entries, however recently delivered.
+    Me,
+    /// Any consumer's entries idle for at least this long.
+    IdleFor(Duration),
+    /// The named consumer's entries (tests and tools).
+    Consumer(&'a str),
 }
 
 /// Connects lazily to `url`; `response_timeout` must exceed the longest `BLOCK`.
@@ -127,33 +143,127 @@ impl Streams {
         reply::parse_read(value, |key| self.shard_of_key(key))
     }
 
-    /// `XAUTOCLAIM`: takes over up to `count` entries of `shard` idle for at least `min_idle`.
-    pub async fn autoclaim(
+    /// Up to `count` entries of `shard`'s pending list held by `holder`, with
+    /// ids after `after` (exclusive; `-` for the start), oldest first.
+    pub async fn pending(
         &mut self,
         shard: u32,
-        min_idle: Duration,
-        start: &str,
+        holder: Holder<'_>,
+        after: &str,
         count: usize,
-    ) -> Result<AutoClaim> {
-        let value: Value = redis::cmd("XAUTOCLAIM")
-            .arg(&self.keys[shard as usize])
+    ) -> Result<Vec<Pending>> {
+        let mut cmd = redis::cmd("XPENDING");
+        cmd.arg(&self.keys[shard as usize]).arg(PERSIST_GROUP);
+        if let Holder::IdleFor(idle) = holder {
+            cmd.arg("IDLE").arg(idle.as_millis() as u64);
+        }
+        cmd.arg(after).arg("+").arg(count);
+        match holder {
+            Holder::Me => {
+                cmd.arg(&self.consumer);
+            }
+            Holder::Consumer(name) => {
+                cmd.arg(name);
+            }
+            Holder::IdleFor(_) => {}
+        }
+        let value: Value = cmd.query_async(&mut self.conn).await?;
+        reply::parse_pending(value)
+    }
+
+    /// Takes `pending` entries of `shard` over for this consumer without
+    /// counting a delivery (`XCLAIM ... JUSTID`; only entries still idle for
+    /// `min_idle`, so one another worker just took is left to it) and reads
+    /// their fields (`XRANGE`). Each comes back as delivery `n + 1`, `n` being
+    /// its count in `pending`. Entries deleted from the stream come without fields.
+    pub async fn take(
+        &mut self,
+        shard: u32,
+        pending: &[Pending],
+        min_idle: Duration,
+    ) -> Result<Vec<RawEntry>> {
+        if pending.is_empty() {
+            return Ok(Vec::new());
+        }
+        let key = &self.keys[shard as usize];
+        let mut pipe = redis::pipe();
+        pipe.cmd("XCLAIM")
+            .arg(key)
             .arg(PERSIST_GROUP)
             .arg(&self.consumer)
-            .arg(min_idle.as_millis() as u64)
-            .arg(start)
-            .arg(StreamAutoClaimOptions::default().count(count))
-            .query_async(&mut self.conn)
-            .await?;
-        reply::parse_autoclaim(shard, value)
+            .arg(min_idle.as_millis() as u64);
+        for entry in pending {
+            pipe.arg(&entry.id);
+        }
+        pipe.arg("JUSTID");
+        for entry in pending {
+            pipe.cmd("XRANGE").arg(key).arg(&entry.id).arg(&entry.id);
+        }
+        let mut replies: Vec<Value> = pipe.query_async(&mut self.conn).await?;
+        let ranges = replies.split_off(1);
+        let claimed = reply::parse_ids(replies.pop().unwrap_or(Value::Nil))?;
+        let mut taken = Vec::with_capacity(claimed.len());
+        for (entry, range) in pending.iter().zip(ranges) {
+            if !claimed.contains(&entry.id) {
+                continue;
+            }
+            let fields = reply::parse_range(shard, range)?
+                .pop()
+                .and_then(|e| e.fields);
+            taken.push(RawEntry {
+                shard,
+                id: entry.id.clone(),
+                fields,
+                delivery: Delivery::Again(entry.deliveries + 1),
+            });
+        }
+        Ok(taken)
+    }
+
+    /// Records in the group that `entries` are delivered again: each one's
+    /// delivery count is set to its [`Delivery::Again`] number (and its idle
+    /// time reset). Entries on their first delivery are already counted;
+    /// those beyond `max` are not tried, so not counted.
+    pub async fn count_deliveries(&mut self, entries: &[RawEntry], max: u64) -> Result<()> {
+        let mut groups: BTreeMap<(u32, u64), Vec<&str>> = BTreeMap::new();
+        for entry in entries {
+            if let Delivery::Again(n) = entry.delivery
+                && n <= max
+            {
+                groups.entry((entry.shard, n)).or_default().push(&entry.id);
+            }
+        }
+        if groups.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for ((shard, n), ids) in groups {
+            pipe.cmd("XCLAIM")
+                .arg(&self.keys[shard as usize])
+                .arg(PERSIST_GROUP)
+                .arg(&self.consumer)
+                .arg(0)
+                .arg(ids)
+                .arg("RETRYCOUNT")
+                .arg(n)
+                .arg("JUSTID")
+                .ignore();
+        }
+        pipe.query_async::<()>(&mut self.conn).await?;
+        Ok(())
     }
 
     /// Resets the idle time of entries this consumer still works on, so no
     /// other worker claims them while a write is being retried. Only entries
     /// idle for `min_idle` are touched: one that another worker claimed a
     /// moment ago (after this one stalled) is not taken back.
-    pub async fn keep_claimed(&mut self, batch: &Batch, min_idle: Duration) -> Result<()> {
+    pub async fn keep_claimed(&mut self, entries: &[EntryKey], min_idle: Duration) -> Result<()> {
+        let mut groups: BTreeMap<u32, Vec<String>> = BTreeMap::new();
+        for key in entries {
+            groups.entry(key.shard).or_default().push(key.id());
+        }
         let mut pipe = redis::pipe();
-        for (shard, ids) in ids_by_shard(batch) {
+        for (shard, ids) in groups {
             pipe.cmd("XCLAIM")
                 .arg(&self.keys[shard as usize])
                 .arg(PERSIST_GROUP)
@@ -167,10 +277,11 @@ impl Streams {
         Ok(())
     }
 
-    /// Writes the batch's dead letters, then acknowledges and deletes all its
-    /// entries, atomically. Returns how many entries were acknowledged now
-    /// (fewer when some were acknowledged before, e.g. by another worker).
-    pub async fn finish(&mut self, batch: &Batch) -> Result<u64> {
+    /// Writes the batch's dead letters (each dead-letter stream capped at
+    /// `dead_max_len` entries, oldest dropped), then acknowledges and deletes
+    /// all its entries, atomically. Returns how many entries were acknowledged
+    /// now (fewer when some were acknowledged before, e.g. by another worker).
+    pub async fn finish(&mut self, batch: &Batch, dead_max_len: u64) -> Result<u64> {
         if batch.is_empty() {
             return Ok(0);
         }
@@ -178,17 +289,12 @@ impl Streams {
         pipe.atomic();
         for dead in &batch.dead {
             let entry = &batch.entries[dead.entry];
-            let mut fields: Vec<(&[u8], &[u8])> = vec![
-                (b"id", entry.id.as_bytes()),
-                (b"reason", dead.reason.as_bytes()),
-            ];
-            if let Some(original) = &entry.fields {
-                fields.extend(original.iter().map(|(k, v)| (k.as_slice(), v.as_slice())));
-            }
             pipe.cmd("XADD")
                 .arg(dead_letter_key(entry.shard))
+                .arg("MAXLEN")
+                .arg(dead_max_len)
                 .arg("*")
-                .arg(&fields)
+                .arg(dead_letters::encode(entry, dead.cause, &dead.reason))
                 .ignore();
         }
         let groups = ids_by_shard(batch);
@@ -202,11 +308,14 @@ impl Streams {
     }
 
     /// Backlog per shard: the group's `lag` (undelivered entries; when Redis
-    /// cannot tell, the stream length minus pending) and pending count.
+    /// cannot tell, the stream length minus pending), pending count, and the
+    /// length of the dead-letter stream.
     pub async fn lag(&mut self) -> Result<Vec<ShardLag>> {
         let mut pipe = redis::pipe();
-        for key in &self.keys {
-            pipe.xinfo_groups(key).xlen(key);
+        for (shard, key) in self.keys.iter().enumerate() {
+            pipe.xinfo_groups(key)
+                .xlen(key)
+                .xlen(dead_letter_key(shard as u32));
         }
         let replies: Vec<Value> = pipe.query_async(&mut self.conn).await?;
         let parse = |e: redis::ParsingError| Error::Reply {
@@ -215,20 +324,25 @@ impl Streams {
         };
         let mut lags = Vec::with_capacity(self.keys.len());
         let mut replies = replies.into_iter();
-        while let (Some(info), Some(len)) = (replies.next(), replies.next()) {
+        while let (Some(info), Some(len), Some(dead)) =
+            (replies.next(), replies.next(), replies.next())
+        {
             let info: StreamInfoGroupsReply = redis::from_redis_value(info).map_err(parse)?;
             let len: u64 = redis::from_redis_value(len).map_err(parse)?;
+            let dead: u64 = redis::from_redis_value(dead).map_err(parse)?;
             let group = info.groups.into_iter().find(|g| g.name == PERSIST_GROUP);
             lags.push(group.map_or(
                 ShardLag {
                     lag: len,
                     pending: 0,
+                    dead,
                 },
                 |g| {
                     let pending = g.pending as u64;
                     ShardLag {
                         lag: g.lag.map_or(len.saturating_sub(pending), |lag| lag as u64),
                         pending,
+                        dead,
                     }
                 },
             ));

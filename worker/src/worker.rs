@@ -1,13 +1,21 @@
-//! The worker's life: start, persist batch after batch, drain on shutdown.
+//! The worker's life: start, persist batch after batch, drain on shutdown,
+//! stop at once on a bug.
 //!
-//! Three concurrent parts share one bounded queue of one batch:
-//! the [`Reader`] fills the next batch while the writer commits the current
-//! one, so Redis and PostgreSQL round trips overlap. The writer commits a batch
-//! in one transaction, and only then writes its dead letters and acknowledges
-//! and deletes its entries. A failing backend is retried with backoff while the
-//! batch is kept; a heartbeat re-claims entries held longer than a third of
-//! `CLAIM_IDLE`, so no live worker's entries are claimed by another.
+//! The pipeline: a [`Reader`] task fills the next batch while writers commit
+//! the current ones (a queue of one batch between them), `WRITERS` writer
+//! tasks each commit a batch on their own PostgreSQL connection, and the acker
+//! acknowledges committed batches (a queue of `WRITERS`). Beside it run the
+//! heartbeat (keeps held entries ours), the prober (readiness, lag gauges) and
+//! the admin server.
+//!
+//! [`run`] supervises every task. On shutdown the pipeline drains: the reader
+//! stops reading, the batches already read are written and acknowledged, for
+//! at most `DRAIN_TIMEOUT`. When any task panics (a bug) or the admin server
+//! fails, everything stops at once and [`run`] returns an error, so the process
+//! exits non-zero and its pod restarts; what it held stays pending and is
+//! delivered again (and counted, see [`crate::reader`]).
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,31 +23,28 @@ use std::time::Duration;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
+use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::acker::Acker;
 use crate::admin::{self, AdminState, Health};
-use crate::backoff::Backoff;
-use crate::batch::{self, Batch, DeadLetter, Rows};
+use crate::batch::Batch;
 use crate::config::{Config, redact_url};
 use crate::error::{Error, Result};
-use crate::metrics::{Metrics, ShardLabel};
-use crate::reader::{InFlight, MAX_BLOCK, Reader};
-use crate::store::{self, Store};
+use crate::heartbeat::keep_claimed;
+use crate::in_flight::InFlight;
+use crate::metrics::Metrics;
+use crate::probe::probe;
+use crate::reader::{MAX_BLOCK, Reader};
+use crate::retry::{Backend, Retry};
+use crate::store::Store;
 use crate::streams::{self, Streams};
-
-/// How often readiness and stream lag are refreshed.
-const PROBE_INTERVAL: Duration = Duration::from_secs(1);
-/// Longest wait for one probe.
-const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// Why a batch was not finished.
-#[derive(Debug)]
-struct Abandoned;
+use crate::writer::{Committed, Queued, Writer};
 
 /// Runs the worker until `shutdown` completes, serving the admin endpoints on
 /// `admin`; then finishes the batches already read (for at most
-/// `DRAIN_TIMEOUT`) and returns.
+/// `DRAIN_TIMEOUT`) and returns. Returns an error at once when a task panics.
 pub async fn run(
     config: Config,
     admin: TcpListener,
@@ -55,20 +60,25 @@ pub async fn run(
         claim_idle = ?config.claim_idle,
         write_mode = ?config.write_mode,
         writers = config.writers,
+        max_deliveries = config.max_deliveries,
+        dead_letter_maxlen = config.dead_letter_maxlen,
         "starting worker"
     );
     let mut registry = Registry::default();
-    let metrics = Metrics::register(&mut registry);
-    let health = Arc::new(Health::default());
-    let store = Store::connect_lazy(&config.database_url, config.write_mode, config.writers)?;
+    let shared = Shared {
+        metrics: Metrics::register(&mut registry),
+        health: Arc::new(Health::default()),
+        store: Store::connect_lazy(&config.database_url, config.write_mode, config.writers)?,
+        streams: Streams::new(
+            streams::connect(&config.redis_url, Duration::from_secs(5))?,
+            config.stream_shards,
+            &config.worker_id,
+        ),
+    };
     let read_conn = streams::connect(&config.redis_url, MAX_BLOCK + Duration::from_secs(5))?;
-    let conn = streams::connect(&config.redis_url, Duration::from_secs(5))?;
-    let mut streams = Streams::new(conn, config.stream_shards, &config.worker_id);
-
-    let stop = CancellationToken::new();
-    let background = CancellationToken::new();
+    let tokens = Tokens::default();
     tokio::spawn({
-        let stop = stop.clone();
+        let stop = tokens.stop.clone();
         async move {
             shutdown.await;
             tracing::info!("shutdown requested: finishing the batches already read");
@@ -77,9 +87,12 @@ pub async fn run(
     });
     // Cancelled `DRAIN_TIMEOUT` after `stop`: batches still unfinished are left
     // pending for another worker to claim.
-    let abandon = CancellationToken::new();
     let drain_timer = tokio::spawn({
-        let (stop, abandon, drain) = (stop.clone(), abandon.clone(), config.drain_timeout);
+        let (stop, abandon, drain) = (
+            tokens.stop.clone(),
+            tokens.abandon.clone(),
+            config.drain_timeout,
+        );
         async move {
             stop.cancelled().await;
             tokio::time::sleep(drain).await;
@@ -87,491 +100,256 @@ pub async fn run(
         }
     });
 
+    let mut background = Tasks::default();
     let admin_addr = admin.local_addr().map_err(Error::Serve)?;
     let state = AdminState {
-        health: health.clone(),
+        health: shared.health.clone(),
         registry: Arc::new(registry),
     };
-    let server = tokio::spawn({
-        let background = background.clone();
-        async move {
-            axum::serve(admin, admin::app(state))
-                .with_graceful_shutdown(background.cancelled_owned())
-                .await
-        }
+    let quit = tokens.background.clone();
+    background.spawn("admin server", async move {
+        axum::serve(admin, admin::app(state))
+            .with_graceful_shutdown(quit.cancelled_owned())
+            .await
+            .map_err(Error::Serve)
     });
     tracing::info!(addr = %admin_addr, "admin server listening");
-    let prober = tokio::spawn(probe(
-        store.clone(),
-        streams.clone(),
-        metrics.clone(),
-        health.clone(),
-        background.clone(),
-    ));
+    let prober = probe(
+        shared.store.clone(),
+        shared.streams.clone(),
+        shared.metrics.clone(),
+        shared.health.clone(),
+        tokens.background.clone(),
+    );
+    background.spawn("prober", async move {
+        prober.await;
+        Ok(())
+    });
 
-    let outcome = persist_all(
-        &config,
-        store,
-        &mut streams,
-        read_conn,
-        metrics,
-        health,
-        &stop,
-        &abandon,
-    )
-    .await;
-
-    drain_timer.abort();
-    background.cancel();
-    let _ = prober.await;
-    match server.await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => return Err(Error::Serve(e)),
-        Err(e) => tracing::error!(error = %e, "admin server task failed"),
+    let mut failure = None;
+    if prepare(&shared, &tokens.stop).await {
+        let reader = Streams::new(read_conn, config.stream_shards, &config.worker_id);
+        let mut pipeline = start_pipeline(&config, &shared, reader, &tokens, &mut background);
+        failure = supervise(&mut pipeline, &mut background, &tokens).await;
     }
-    tracing::info!("worker stopped");
-    outcome
+    tokens.done.cancel();
+    tokens.background.cancel();
+    while let Some(outcome) = background.next().await {
+        if let Err(error) = outcome {
+            failure.get_or_insert(error);
+        }
+    }
+    drain_timer.abort();
+    match failure {
+        None => {
+            tracing::info!("worker stopped");
+            Ok(())
+        }
+        Some(error) => {
+            tracing::error!(%error, "worker stopped on a failure");
+            Err(error)
+        }
+    }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn persist_all(
-    config: &Config,
-    store: Store,
-    streams: &mut Streams,
-    read_conn: redis::aio::ConnectionManager,
+/// Handles every task shares.
+struct Shared {
     metrics: Metrics,
     health: Arc<Health>,
-    stop: &CancellationToken,
-    abandon: &CancellationToken,
-) -> Result<()> {
-    if retry("running migrations", "postgres", &metrics, stop, || {
-        store.migrate()
-    })
-    .await
-    .is_err()
-    {
-        return Ok(());
-    }
-    health.set_migrated();
-    health.set_postgres(true);
-    tracing::info!("schema migrations applied");
-    if retry("creating consumer groups", "redis", &metrics, stop, || {
-        let mut streams = streams.clone();
-        async move { streams.ensure_groups().await }
-    })
-    .await
-    .is_err()
-    {
-        return Ok(());
-    }
+    store: Store,
+    streams: Streams,
+}
 
+/// How tasks are told to end.
+#[derive(Default)]
+struct Tokens {
+    /// Stop reading (shutdown, or a failure).
+    stop: CancellationToken,
+    /// Stop retrying: the drain time is over, or a failure.
+    abandon: CancellationToken,
+    /// Every batch is acknowledged or abandoned: the heartbeat ends.
+    done: CancellationToken,
+    /// The pipeline is over: the prober and admin server end.
+    background: CancellationToken,
+}
+
+/// Runs the migrations and creates the consumer groups, retrying until they
+/// succeed; `false` when shut down first.
+async fn prepare(shared: &Shared, stop: &CancellationToken) -> bool {
+    let postgres = Retry {
+        backend: Backend::Postgres,
+        metrics: &shared.metrics,
+        health: &shared.health,
+        cancel: stop,
+        interrupt: true,
+    };
+    if postgres
+        .until_ok("running migrations", || shared.store.migrate())
+        .await
+        .is_err()
+    {
+        return false;
+    }
+    shared.health.set_migrated();
+    tracing::info!("schema migrations applied");
+    let redis = Retry {
+        backend: Backend::Redis,
+        ..postgres
+    };
+    redis
+        .until_ok("creating consumer groups", || {
+            let mut streams = shared.streams.clone();
+            async move { streams.ensure_groups().await }
+        })
+        .await
+        .is_ok()
+}
+
+/// Spawns the reader, the writers and the acker (into the returned set) and
+/// the heartbeat (into `background`).
+fn start_pipeline(
+    config: &Config,
+    shared: &Shared,
+    reader: Streams,
+    tokens: &Tokens,
+    background: &mut Tasks,
+) -> Tasks {
+    let mut pipeline = Tasks::default();
     let in_flight = Arc::new(InFlight::default());
-    // Ends once every batch is acknowledged (or abandoned).
-    let done = CancellationToken::new();
-    let heartbeat = tokio::spawn(keep_claimed(
-        streams.clone(),
+    let heartbeat = keep_claimed(
+        shared.streams.clone(),
         in_flight.clone(),
         config.claim_idle / 3,
-        done.clone(),
-    ));
+        tokens.done.clone(),
+    );
+    background.spawn("heartbeat", async move {
+        heartbeat.await;
+        Ok(())
+    });
     let writers = config.writers.max(1);
-    let (tx, rx) = mpsc::channel::<(Instant, Batch)>(1);
+    let (tx, rx) = mpsc::channel::<Queued>(1);
     let reader = Reader::new(
-        Streams::new(read_conn, config.stream_shards, &config.worker_id),
+        reader,
         config,
         in_flight.clone(),
-        metrics.clone(),
-        health.clone(),
+        shared.metrics.clone(),
+        shared.health.clone(),
     );
-    let reading = tokio::spawn(read_batches(reader, tx, stop.clone()));
+    let reading = read_batches(
+        reader,
+        tx,
+        config.max_deliveries,
+        tokens.stop.clone(),
+        tokens.abandon.clone(),
+    );
+    pipeline.spawn("reader", async move {
+        reading.await;
+        Ok(())
+    });
     // Writers take the next batch when free; the acker acknowledges committed
     // batches in the background, so no writer waits for Redis.
     let rx = Arc::new(tokio::sync::Mutex::new(rx));
     let (ack_tx, ack_rx) = mpsc::channel::<Committed>(writers);
-    let mut tasks = Vec::with_capacity(writers);
     for _ in 0..writers {
         let writer = Writer {
-            store: store.clone(),
-            metrics: metrics.clone(),
-            health: health.clone(),
-            abandon: abandon.clone(),
+            store: shared.store.clone(),
+            metrics: shared.metrics.clone(),
+            health: shared.health.clone(),
+            abandon: tokens.abandon.clone(),
+            hooks: config.hooks.clone(),
         };
-        tasks.push(tokio::spawn(writer.run(rx.clone(), ack_tx.clone())));
+        let writing = writer.run(rx.clone(), ack_tx.clone());
+        pipeline.spawn("writer", async move {
+            writing.await;
+            Ok(())
+        });
     }
-    drop(ack_tx);
     let acker = Acker {
-        streams: streams.clone(),
-        metrics,
-        health,
-        abandon: abandon.clone(),
+        streams: shared.streams.clone(),
+        metrics: shared.metrics.clone(),
+        health: shared.health.clone(),
+        abandon: tokens.abandon.clone(),
         in_flight,
+        dead_max_len: config.dead_letter_maxlen,
     };
-    let acking = tokio::spawn(acker.run(ack_rx));
-    for task in tasks {
-        let _ = task.await;
+    pipeline.spawn("acker", async move {
+        acker.run(ack_rx).await;
+        Ok(())
+    });
+    pipeline
+}
+
+/// Waits for the pipeline to end; a failure of any task stops everything at
+/// once (no drain) and is returned.
+async fn supervise(pipeline: &mut Tasks, background: &mut Tasks, tokens: &Tokens) -> Option<Error> {
+    let mut failure = None;
+    while !pipeline.is_empty() {
+        let outcome = tokio::select! {
+            Some(outcome) = pipeline.next() => outcome,
+            Some(outcome) = background.next(), if !background.is_empty() => outcome,
+        };
+        if let Err(error) = outcome {
+            tracing::error!(%error, "stopping the worker");
+            failure.get_or_insert(error);
+            tokens.stop.cancel();
+            tokens.abandon.cancel();
+        }
     }
-    drop(rx);
-    let _ = acking.await;
-    let _ = reading.await;
-    done.cancel();
-    let _ = heartbeat.await;
-    Ok(())
+    failure
 }
 
 /// The reader task: builds batches until stopped; decoding happens here so it
-/// overlaps with the writer's transaction.
+/// overlaps with the writers' transactions.
 async fn read_batches(
     mut reader: Reader,
-    tx: mpsc::Sender<(Instant, Batch)>,
+    tx: mpsc::Sender<Queued>,
+    max_deliveries: u64,
     stop: CancellationToken,
+    abandon: CancellationToken,
 ) {
     while let Some(raw) = reader.next_batch(&stop).await {
-        let started = Instant::now();
-        if tx.send((started, Batch::build(raw))).await.is_err() {
-            break;
+        let queued = (Instant::now(), Batch::build(raw, max_deliveries));
+        tokio::select! {
+            sent = tx.send(queued) => if sent.is_err() { break },
+            () = abandon.cancelled() => break,
         }
     }
 }
 
-/// Retries `op` with backoff until it succeeds; `Err` when stopped first.
-async fn retry<F, Fut>(
-    what: &str,
-    backend: &'static str,
-    metrics: &Metrics,
-    stop: &CancellationToken,
-    mut op: F,
-) -> Result<(), Abandoned>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<()>>,
-{
-    let mut backoff = Backoff::default();
-    loop {
-        match op().await {
-            Ok(()) => return Ok(()),
+/// Named tasks whose panics become [`Error::TaskPanicked`].
+#[derive(Default)]
+struct Tasks {
+    set: JoinSet<Result<()>>,
+    names: HashMap<tokio::task::Id, &'static str>,
+}
+
+impl Tasks {
+    fn spawn(
+        &mut self,
+        name: &'static str,
+        task: impl Future<Output = Result<()>> + Send + 'static,
+    ) {
+        let handle = self.set.spawn(task);
+        self.names.insert(handle.id(), name);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.set.is_empty()
+    }
+
+    /// The outcome of the next task to end; `None` when none is left.
+    async fn next(&mut self) -> Option<Result<()>> {
+        let joined = self.set.join_next_with_id().await?;
+        Some(match joined {
+            Ok((_, outcome)) => outcome,
             Err(error) => {
-                metrics.failed(backend);
-                let delay = backoff.next_delay();
-                tracing::warn!(%error, retry_in = ?delay, "{what} failed");
-                tokio::select! {
-                    () = tokio::time::sleep(delay) => {}
-                    () = stop.cancelled() => return Err(Abandoned),
+                let task = self.names.get(&error.id()).copied().unwrap_or("unnamed");
+                if error.is_panic() {
+                    Err(Error::TaskPanicked { task })
+                } else {
+                    Ok(())
                 }
             }
-        }
-    }
-}
-
-/// Re-claims entries in flight for a long time, so that while a write is
-/// retried no other worker takes them over.
-async fn keep_claimed(
-    mut streams: Streams,
-    in_flight: Arc<InFlight>,
-    every: Duration,
-    done: CancellationToken,
-) {
-    let every = every.max(Duration::from_millis(50));
-    let mut ticker = tokio::time::interval(every);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = ticker.tick() => {}
-            () = done.cancelled() => return,
-        }
-        let held = in_flight.older_than(every);
-        if held.is_empty() {
-            continue;
-        }
-        let batch = Batch {
-            entries: held
-                .into_iter()
-                .map(|key| crate::reply::RawEntry {
-                    shard: key.shard,
-                    id: key.id(),
-                    fields: None,
-                })
-                .collect(),
-            ..Batch::default()
-        };
-        match streams.keep_claimed(&batch, every / 2).await {
-            Ok(()) => tracing::debug!(entries = batch.len(), "re-claimed entries still in flight"),
-            Err(error) => tracing::warn!(%error, "re-claiming entries in flight failed"),
-        }
-    }
-}
-
-/// Refreshes readiness and the lag gauges.
-async fn probe(
-    store: Store,
-    mut streams: Streams,
-    metrics: Metrics,
-    health: Arc<Health>,
-    stop: CancellationToken,
-) {
-    let mut ticker = tokio::time::interval(PROBE_INTERVAL);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = ticker.tick() => {}
-            () = stop.cancelled() => return,
-        }
-        let pg = tokio::time::timeout(PROBE_TIMEOUT, store.ping()).await;
-        let pg_up = matches!(pg, Ok(Ok(())));
-        health.set_postgres(pg_up);
-        if pg_up {
-            metrics.answered("postgres");
-        } else {
-            metrics
-                .up
-                .get_or_create(&crate::metrics::BackendLabel {
-                    backend: "postgres",
-                })
-                .set(0);
-        }
-        let lag = tokio::time::timeout(PROBE_TIMEOUT, streams.lag()).await;
-        match lag {
-            Ok(Ok(shards)) => {
-                health.set_redis(true);
-                metrics.answered("redis");
-                for (shard, lag) in shards.iter().enumerate() {
-                    let label = ShardLabel {
-                        shard: shard as u32,
-                    };
-                    metrics.stream_lag.get_or_create(&label).set(lag.lag as i64);
-                    metrics
-                        .stream_pending
-                        .get_or_create(&label)
-                        .set(lag.pending as i64);
-                }
-            }
-            Ok(Err(error)) => {
-                // An error reply (e.g. the streams are being recreated after
-                // Redis lost its data) still means Redis answers.
-                tracing::debug!(%error, "reading stream lag failed");
-                let up = matches!(
-                    tokio::time::timeout(PROBE_TIMEOUT, streams.ping()).await,
-                    Ok(Ok(()))
-                );
-                health.set_redis(up);
-            }
-            Err(_) => {
-                health.set_redis(false);
-                metrics
-                    .up
-                    .get_or_create(&crate::metrics::BackendLabel { backend: "redis" })
-                    .set(0);
-            }
-        }
-    }
-}
-
-/// A batch whose rows are committed, waiting for its acknowledgement.
-struct Committed {
-    batch: Batch,
-    started: Instant,
-    write_time: Duration,
-}
-
-/// Commits batches to PostgreSQL.
-struct Writer {
-    store: Store,
-    metrics: Metrics,
-    health: Arc<Health>,
-    abandon: CancellationToken,
-}
-
-/// The queue of batches shared by the writers.
-type Batches = Arc<tokio::sync::Mutex<mpsc::Receiver<(Instant, Batch)>>>;
-
-impl Writer {
-    /// Writes batches until the reader is done (or the drain time is over),
-    /// passing each committed batch to the acker.
-    async fn run(mut self, batches: Batches, committed: mpsc::Sender<Committed>) {
-        loop {
-            let next = batches.lock().await.recv().await;
-            let Some((started, mut batch)) = next else {
-                return;
-            };
-            let writing = Instant::now();
-            if let Err(Abandoned) = self.persist(&mut batch).await {
-                tracing::warn!(
-                    entries = batch.len(),
-                    "drain timeout: leaving the batch pending for another worker"
-                );
-                return;
-            }
-            let write_time = writing.elapsed();
-            if committed
-                .send(Committed {
-                    batch,
-                    started,
-                    write_time,
-                })
-                .await
-                .is_err()
-            {
-                return;
-            }
-        }
-    }
-
-    /// Writes the batch's rows, retrying until it succeeds or the drain time is over.
-    async fn persist(&mut self, batch: &mut Batch) -> Result<(), Abandoned> {
-        if !batch.rows.is_empty() {
-            let rows = std::mem::take(&mut batch.rows);
-            self.write(batch, &rows).await?;
-            batch.rows = rows;
-            if let Some(oldest) = batch.oldest_ms {
-                let now = chrono::Utc::now().timestamp_millis();
-                self.metrics
-                    .persistence_lag
-                    .observe((now - oldest).max(0) as f64 / 1000.0);
-            }
-        }
-        Ok(())
-    }
-
-    async fn pause(&self, delay: Duration) -> Result<(), Abandoned> {
-        tokio::select! {
-            () = tokio::time::sleep(delay) => Ok(()),
-            () = self.abandon.cancelled() => Err(Abandoned),
-        }
-    }
-
-    /// Commits `rows`; a data error PostgreSQL will never accept is isolated
-    /// entry by entry and turns those entries into dead letters.
-    async fn write(&mut self, batch: &mut Batch, rows: &Rows) -> Result<(), Abandoned> {
-        let mut backoff = Backoff::default();
-        loop {
-            let attempt = tokio::select! {
-                result = self.store.write(rows) => result,
-                () = self.abandon.cancelled() => return Err(Abandoned),
-            };
-            match attempt {
-                Ok(written) => {
-                    self.health.set_postgres(true);
-                    self.metrics.answered("postgres");
-                    self.metrics.written(&written);
-                    return Ok(());
-                }
-                Err(error) if store::is_permanent(&error) => {
-                    tracing::warn!(%error, "PostgreSQL rejected the batch's data: writing its entries one by one");
-                    return self.write_one_by_one(batch).await;
-                }
-                Err(error) => {
-                    self.health.set_postgres(false);
-                    self.metrics.failed("postgres");
-                    let delay = backoff.next_delay();
-                    tracing::warn!(%error, retry_in = ?delay, entries = batch.len(), "writing a batch to PostgreSQL failed; keeping it");
-                    self.pause(delay).await?;
-                }
-            }
-        }
-    }
-
-    async fn write_one_by_one(&mut self, batch: &mut Batch) -> Result<(), Abandoned> {
-        for index in 0..batch.entries.len() {
-            if batch.dead.iter().any(|d| d.entry == index) {
-                continue;
-            }
-            let Ok(Some(row)) = batch::decode(&batch.entries[index]) else {
-                continue;
-            };
-            let rows = Rows::single(row);
-            let mut backoff = Backoff::default();
-            loop {
-                let attempt = tokio::select! {
-                    result = self.store.write(&rows) => result,
-                    () = self.abandon.cancelled() => return Err(Abandoned),
-                };
-                match attempt {
-                    Ok(written) => {
-                        self.metrics.written(&written);
-                        break;
-                    }
-                    Err(error) if store::is_permanent(&error) => {
-                        batch.dead.push(DeadLetter {
-                            entry: index,
-                            reason: format!("rejected by PostgreSQL: {error}"),
-                        });
-                        break;
-                    }
-                    Err(error) => {
-                        self.metrics.failed("postgres");
-                        let delay = backoff.next_delay();
-                        tracing::warn!(%error, retry_in = ?delay, "writing an entry to PostgreSQL failed");
-                        self.pause(delay).await?;
-                    }
-                }
-            }
-        }
-        Ok(())
-    }
-}
-
-/// Acknowledges committed batches: dead letters, `XACK`, `XDEL`.
-struct Acker {
-    streams: Streams,
-    metrics: Metrics,
-    health: Arc<Health>,
-    abandon: CancellationToken,
-    in_flight: Arc<InFlight>,
-}
-
-impl Acker {
-    async fn run(mut self, mut committed: mpsc::Receiver<Committed>) {
-        while let Some(Committed {
-            batch,
-            started,
-            write_time,
-        }) = committed.recv().await
-        {
-            for dead in &batch.dead {
-                let entry = &batch.entries[dead.entry];
-                tracing::warn!(
-                    shard = entry.shard,
-                    id = %entry.id,
-                    reason = %dead.reason,
-                    "moving poison entry to the dead-letter stream"
-                );
-            }
-            let acking = Instant::now();
-            let mut backoff = Backoff::default();
-            let acked = loop {
-                match self.streams.finish(&batch).await {
-                    Ok(acked) => break acked,
-                    Err(error) => {
-                        self.health.set_redis(false);
-                        self.metrics.failed("redis");
-                        let delay = backoff.next_delay();
-                        tracing::warn!(%error, retry_in = ?delay, "acknowledging a committed batch failed");
-                        tokio::select! {
-                            () = tokio::time::sleep(delay) => {}
-                            () = self.abandon.cancelled() => {
-                                tracing::warn!(entries = batch.len(), "drain timeout: committed batch left unacknowledged (it will be delivered again and skipped)");
-                                return;
-                            }
-                        }
-                    }
-                }
-            };
-            self.in_flight.remove(&batch.entries);
-            self.metrics.batches.inc();
-            self.metrics.entries_acked.inc_by(acked);
-            self.metrics.dead_lettered.inc_by(batch.dead.len() as u64);
-            self.metrics.batch_entries.observe(batch.len() as f64);
-            self.metrics
-                .batch_duration
-                .observe(started.elapsed().as_secs_f64());
-            tracing::debug!(
-                entries = batch.len(),
-                rows = batch.rows.len(),
-                dead = batch.dead.len(),
-                write_ms = write_time.as_millis() as u64,
-                ack_ms = acking.elapsed().as_millis() as u64,
-                total_ms = started.elapsed().as_millis() as u64,
-                "batch persisted"
-            );
-        }
+        })
     }
 }

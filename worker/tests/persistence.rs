@@ -38,6 +38,7 @@ async fn persists_messages_directs_users_and_channels_once() {
     init_channel(&mut redis, "other", 0).await;
     ids.extend(publish(&mut redis, "other", 50).await);
     let dm = direct(&mut redis, "alice", "bob", "oi").await;
+    assert_eq!(ids[249].offset, 250, "the script returns dense offsets");
 
     let pool = stack.pool().await;
     assert_exactly(&pool, &ids, T).await;
@@ -159,10 +160,15 @@ async fn delivered_twice(mode: WriteMode) {
     }
     assert_eq!(copies.len(), 401);
 
+    let pool = stack.pool().await;
+    chatcluster_worker::store::MIGRATOR
+        .run(&pool)
+        .await
+        .unwrap();
+    install_insert_log(&pool).await;
     let mut config = stack.config("w1");
     config.write_mode = mode;
     let worker = InProcess::start(config).await;
-    let pool = stack.pool().await;
     assert_exactly(&pool, &ids, T).await;
     wait_drained(&mut redis, T).await;
 
@@ -188,6 +194,11 @@ async fn delivered_twice(mode: WriteMode) {
         401.0,
         "redelivered rows are not inserted"
     );
+    // The insert log sees every copy, skipped ones included (what makes it
+    // able to catch double processing in the two-worker test).
+    let attempts = insert_attempts(&pool).await;
+    assert_eq!(attempts.len(), ids.len());
+    assert!(attempts.values().all(|n| *n == 3), "{attempts:?}");
     worker.stop().await;
 }
 
@@ -201,6 +212,8 @@ async fn two_workers_share_the_shards_without_double_work() {
     let b = InProcess::start(config).await;
     wait_ready(a.addr).await;
     wait_ready(b.addr).await;
+    let pool = stack.pool().await;
+    install_insert_log(&pool).await;
 
     let mut redis = stack.redis().await;
     let mut ids = Vec::new();
@@ -214,21 +227,24 @@ async fn two_workers_share_the_shards_without_double_work() {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let pool = stack.pool().await;
     assert_exactly(&pool, &ids, T).await;
     wait_drained(&mut redis, T).await;
-    let (acked_a, acked_b) = (
-        metric(a.addr, "chatcluster_worker_entries_acked_total").await,
-        metric(b.addr, "chatcluster_worker_entries_acked_total").await,
+    // Every committed insert attempt is logged, including ones PostgreSQL
+    // skipped as already present: a message both workers processed shows twice.
+    let attempts = insert_attempts(&pool).await;
+    let twice: Vec<_> = attempts.iter().filter(|(_, n)| **n != 1).take(5).collect();
+    assert!(
+        twice.is_empty(),
+        "messages written more than once: {twice:?}"
     );
-    assert_eq!(
-        acked_a + acked_b,
-        ids.len() as f64,
-        "every entry processed by exactly one worker"
+    assert_eq!(attempts.len(), ids.len());
+    let (rows_a, rows_b) = (
+        metric(a.addr, "chatcluster_worker_rows_written_total").await,
+        metric(b.addr, "chatcluster_worker_rows_written_total").await,
     );
     assert!(
-        acked_a > 0.0 && acked_b > 0.0,
-        "both workers took part: {acked_a} + {acked_b}"
+        rows_a > 0.0 && rows_b > 0.0,
+        "both workers took part: {rows_a} + {rows_b}"
     );
     assert_eq!(
         metric(a.addr, "chatcluster_worker_claimed_total").await
@@ -320,6 +336,12 @@ async fn poison_entries_are_dead_lettered_between_good_ones() {
         metric(worker.addr, "chatcluster_worker_dead_lettered_total").await,
         4.0
     );
+    let causes: Vec<String> = dead
+        .ids
+        .iter()
+        .map(|e| e.get::<String>("cause").unwrap())
+        .collect();
+    assert_eq!(causes, ["poison", "poison", "poison", "rejected"]);
     // The shard keeps flowing after the poison.
     let more = publish(&mut redis, "geral", 3).await;
     ids.extend(more);
@@ -493,7 +515,7 @@ async fn sigkill_mid_batch_then_the_same_worker_id_finishes_its_own_entries() {
 /// `messages` so its next transactions hang, publishes 2000 more, and SIGKILLs
 /// it while it holds at least 1000 of them read and uncommitted.
 /// Returns the stack, a pool, every published id and the entries left pending.
-async fn killed_mid_batch() -> (Stack, sqlx::PgPool, Vec<Uuid>, u64) {
+async fn killed_mid_batch() -> (Stack, sqlx::PgPool, Vec<Published>, u64) {
     let stack = Stack::start().await;
     let mut redis = stack.redis().await;
     let mut a = Binary::spawn(
@@ -524,11 +546,10 @@ async fn killed_mid_batch() -> (Stack, sqlx::PgPool, Vec<Uuid>, u64) {
         async move { backlog(&mut redis).await.1 >= 1000 }
     })
     .await;
-    a.child.kill().unwrap(); // SIGKILL
-    a.child.wait().unwrap();
+    a.process.kill(); // SIGKILL
     lock.rollback().await.unwrap();
     assert_eq!(
-        message_counts(&pool).await.0,
+        message_rows(&pool).await,
         300,
         "nothing committed after the lock"
     );
@@ -559,22 +580,19 @@ async fn sigterm_finishes_and_acks_the_current_batch() {
     })
     .await;
     let pool = stack.pool().await;
-    assert_eq!(message_counts(&pool).await.0, 0);
+    assert_eq!(message_rows(&pool).await, 0);
 
     let mut worker = worker;
-    chatcluster_testkit::process::signal_pid(worker.child.id(), "TERM");
-    let started = std::time::Instant::now();
-    let status = loop {
-        if let Some(status) = worker.child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(15),
-            "worker did not exit after SIGTERM"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    worker.process.signal("TERM");
+    let status = blocking(move || {
+        let status = worker.process.wait_exit(Duration::from_secs(15));
+        (status, worker.process.output())
+    })
+    .await;
+    let (Some(status), output) = status else {
+        panic!("worker did not exit after SIGTERM");
     };
-    assert!(status.success(), "exit status {status}");
+    assert!(status.success(), "exit status {status}\n{output}");
     assert_exactly(&pool, &ids, Duration::from_secs(1)).await;
     assert_eq!(
         backlog(&mut redis).await,
@@ -610,6 +628,11 @@ fn help_lists_every_variable_with_its_default() {
         "default: info",
         "env: WRITE_MODE",
         "env: DRAIN_TIMEOUT",
+        "env: MAX_DELIVERIES",
+        "default: 5",
+        "env: DEAD_LETTER_MAXLEN",
+        "default: 10000",
+        "dead-letters",
     ] {
         assert!(
             help.contains(expected),
@@ -622,6 +645,22 @@ fn help_lists_every_variable_with_its_default() {
         .unwrap();
     assert!(!missing.status.success());
     assert!(String::from_utf8_lossy(&missing.stderr).contains("DATABASE_URL"));
+    for tool in [
+        &["dead-letters", "list", "--help"][..],
+        &["dead-letters", "replay", "--help"],
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_chatcluster-worker"))
+            .args(tool)
+            .output()
+            .unwrap();
+        let help = String::from_utf8_lossy(&out.stdout);
+        for expected in ["env: REDIS_URL", "env: STREAM_SHARDS", "--shard", "--cause"] {
+            assert!(
+                help.contains(expected),
+                "{tool:?} lacks {expected:?}:\n{help}"
+            );
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,17 +7,18 @@
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use chatcluster_protocol::codec::{self, Encoding};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{self, Message};
 
+pub use chatcluster_testkit::http::{http, http_status_blocking};
+use chatcluster_testkit::process::{Guarded, Output};
 pub use chatcluster_testkit::{Haproxy, RedisServer, free_port, wait_until};
 
 /// How long a test waits for any one frame.
@@ -25,7 +26,7 @@ pub const WAIT: Duration = Duration::from_secs(10);
 
 /// A gateway process; killed on drop.
 pub struct Gateway {
-    child: Child,
+    child: Guarded,
     /// Admin port (/health, /ready, /metrics).
     pub admin_port: u16,
     /// Public TCP port, when not on a Unix socket.
@@ -70,8 +71,7 @@ impl Gateway {
             .env("REDIS_URL", redis_url)
             .env("ADMIN_ADDR", format!("127.0.0.1:{admin_port}"))
             .env("PRESENCE_TTL", "3s")
-            .env("DRAIN_TIMEOUT", "1s")
-            .stdin(Stdio::null());
+            .env("DRAIN_TIMEOUT", "1s");
         let port = match &options.socket {
             Some(path) => {
                 command.env("SOCKET_PATH", path);
@@ -86,7 +86,7 @@ impl Gateway {
         for (key, value) in &options.env {
             command.env(key, value);
         }
-        let child = command.spawn().expect("start gateway binary");
+        let child = Guarded::spawn_with("gateway", &mut command, Output::Inherit);
         let gateway = Self {
             child,
             admin_port,
@@ -109,117 +109,24 @@ impl Gateway {
 
     /// Process id.
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.child.pid()
     }
 
     /// Sends a signal by name (`TERM`, `KILL`).
     pub fn signal(&self, signal: &str) {
-        chatcluster_testkit::process::signal_pid(self.pid(), signal);
+        self.child.signal(signal);
     }
 
     /// Waits for the process to exit; returns its exit code.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
-        let deadline = std::time::Instant::now() + timeout;
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return status.code();
-            }
-            if std::time::Instant::now() > deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.child.wait_exit(timeout)?.code()
     }
 
     /// A metric's value from `/metrics` (first sample whose line starts with `name`).
     pub async fn metric(&self, name: &str) -> f64 {
         let (_, body) = http(self.admin_port, "GET", "/metrics", &[], "").await;
-        body.lines()
-            .find(|line| line.starts_with(name) && !line.starts_with('#'))
-            .and_then(|line| line.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0)
+        chatcluster_testkit::http::first_sample(&body, name)
     }
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Blocking `GET` returning only the status (for polling from sync code).
-pub fn http_status_blocking(port: u16, path: &str) -> Option<u16> {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut out = String::new();
-    stream.read_to_string(&mut out).ok()?;
-    out.split(' ').nth(1)?.parse().ok()
-}
-
-/// A minimal HTTP/1.1 request; returns status and body.
-pub async fn http(
-    port: u16,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &str,
-) -> (u16, String) {
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    let mut request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    for (key, value) in headers {
-        request.push_str(&format!("{key}: {value}\r\n"));
-    }
-    request.push_str("\r\n");
-    request.push_str(body);
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut out = Vec::new();
-    tokio::time::timeout(WAIT, stream.read_to_end(&mut out))
-        .await
-        .unwrap()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out).into_owned();
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    // Unchunk simple chunked bodies.
-    let body = if text
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        let mut rest = body.as_str();
-        let mut joined = String::new();
-        while let Some((size, tail)) = rest.split_once("\r\n") {
-            let size = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
-            if size == 0 || tail.len() < size {
-                break;
-            }
-            joined.push_str(&tail[..size]);
-            rest = tail[size..].trim_start_matches("\r\n");
-        }
-        joined
-    } else {
-        body
-    };
-    (status, body)
 }
 
 type Ws =

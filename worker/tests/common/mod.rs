@@ -3,18 +3,19 @@
 //! in-process and child-process workers, and table/stream/metric probes.
 #![allow(dead_code, clippy::unwrap_used)]
 
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use chatcluster_protocol::entry::{PersistEntry, StoredDirect, StoredMessage};
 use chatcluster_protocol::keys::{self, PERSIST_GROUP};
 use chatcluster_protocol::scripts;
+use chatcluster_testkit::process::{Guarded, Output};
 use chatcluster_testkit::{Postgres, RedisServer};
 use chatcluster_worker::Config;
 use redis::aio::MultiplexedConnection;
 use sqlx::PgPool;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -90,61 +91,74 @@ impl InProcess {
         Self { addr, stop, handle }
     }
 
+    /// Shuts the worker down and expects a clean stop.
     pub async fn stop(self) {
         self.stop.cancel();
-        tokio::time::timeout(Duration::from_secs(20), self.handle)
+        self.ended(Duration::from_secs(20))
+            .await
+            .expect("worker stopped with an error");
+    }
+
+    /// Waits (without asking it to stop) until the worker's `run` returns.
+    pub async fn ended(self, timeout: Duration) -> chatcluster_worker::Result<()> {
+        tokio::time::timeout(timeout, self.handle)
             .await
             .expect("worker did not stop")
-            .unwrap()
-            .unwrap();
+            .expect("run itself panicked")
     }
 }
 
-/// The real `chatcluster-worker` binary as a child process.
+/// The real `chatcluster-worker` binary as a child process, its output captured.
 pub struct Binary {
-    pub child: Child,
+    pub process: Guarded,
     pub addr: SocketAddr,
 }
 
 impl Binary {
+    /// Starts the binary against `stack` and waits until it serves its admin port.
     pub fn spawn(stack: &Stack, id: &str, env: &[(&str, &str)]) -> Self {
-        let port = chatcluster_testkit::free_port();
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let verbose = std::env::var_os("TESTKIT_VERBOSE").is_some();
-        let mut command = Command::new(env!("CARGO_BIN_EXE_chatcluster-worker"));
-        command
-            .env("REDIS_URL", stack.redis.url())
-            .env("DATABASE_URL", stack.pg.url())
-            .env("WORKER_ID", id)
-            .env("ADMIN_ADDR", addr.to_string())
-            .env("STREAM_SHARDS", SHARDS.to_string())
-            .env("RUST_LOG", if verbose { "info" } else { "warn" })
-            .stdin(Stdio::null())
-            .stdout(if verbose {
-                Stdio::inherit()
-            } else {
-                Stdio::null()
-            })
-            .stderr(if verbose {
-                Stdio::inherit()
-            } else {
-                Stdio::null()
-            });
-        for (key, value) in env {
-            command.env(key, value);
-        }
+        let (process, port) = Guarded::spawn_listening(
+            "chatcluster-worker",
+            Output::Capture,
+            Duration::from_secs(20),
+            |port| {
+                let mut command = Command::new(env!("CARGO_BIN_EXE_chatcluster-worker"));
+                command
+                    .env("REDIS_URL", stack.redis.url())
+                    .env("DATABASE_URL", stack.pg.url())
+                    .env("WORKER_ID", id)
+                    .env("ADMIN_ADDR", format!("127.0.0.1:{port}"))
+                    .env("STREAM_SHARDS", SHARDS.to_string())
+                    .env("RUST_LOG", "warn,chatcluster_worker=info")
+                    .env_remove("CHATCLUSTER_WORKER_PANIC_ON");
+                for (key, value) in env {
+                    command.env(key, value);
+                }
+                command
+            },
+        );
         Self {
-            child: command.spawn().expect("spawn chatcluster-worker"),
-            addr,
+            process,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
         }
     }
 }
 
-impl Drop for Binary {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Runs `chatcluster-worker <args>` (a tool) against `redis_url`, without a
+/// database; returns its exit status, stdout and stderr.
+pub async fn tool(redis_url: &str, args: &[&str]) -> (std::process::ExitStatus, String, String) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_chatcluster-worker"));
+    command
+        .args(args)
+        .env("REDIS_URL", redis_url)
+        .env("STREAM_SHARDS", SHARDS.to_string())
+        .env_remove("DATABASE_URL");
+    let out = blocking(move || command.output().unwrap()).await;
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// Polls `check` every 50 ms until it holds, or panics with `what` after `timeout`.
@@ -165,37 +179,19 @@ where
 
 /// `GET path` on the admin server: status and body (`0` when nothing listens).
 pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let Ok(mut stream) = tokio::net::TcpStream::connect(addr).await else {
-        return (0, String::new());
-    };
-    let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
-    if stream.write_all(request.as_bytes()).await.is_err() {
-        return (0, String::new());
-    }
-    let mut response = String::new();
-    let _ = stream.read_to_string(&mut response).await;
-    let status = response
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
+    chatcluster_testkit::http::get(addr.port(), path).await
 }
 
 /// Sum of the samples of `name` (any labels) on the worker's `/metrics`.
 pub async fn metric(addr: SocketAddr, name: &str) -> f64 {
     let (_, body) = http_get(addr, "/metrics").await;
-    body.lines()
-        .filter(|line| {
-            line.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
-        })
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    chatcluster_testkit::http::sum_samples(&body, name)
+}
+
+/// The value of one labelled series, e.g. `..._total{cause="offset_clash"}`.
+pub async fn series(addr: SocketAddr, series: &str) -> f64 {
+    let (_, body) = http_get(addr, "/metrics").await;
+    chatcluster_testkit::http::first_sample(&body, series)
 }
 
 pub async fn wait_ready(addr: SocketAddr) {
@@ -218,25 +214,45 @@ pub async fn init_channel(conn: &mut MultiplexedConnection, channel: &str, floor
         .unwrap();
 }
 
-/// Publishes `n` messages to `channel` through `PUBLISH_MESSAGE`, pipelined;
-/// returns their ids.
-pub async fn publish(conn: &mut MultiplexedConnection, channel: &str, n: usize) -> Vec<Uuid> {
+/// A message the gateway's script accepted: where it must land.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Published {
+    pub channel: String,
+    pub offset: i64,
+    pub msg_id: Uuid,
+}
+
+/// Publishes `n` messages to `channel` through `PUBLISH_MESSAGE`, pipelined.
+pub async fn publish(conn: &mut MultiplexedConnection, channel: &str, n: usize) -> Vec<Published> {
+    let texts: Vec<String> = (0..n)
+        .map(|i| format!("message {i} with\ttab, newline\n and backslash \\ é"))
+        .collect();
+    publish_texts(conn, channel, &texts).await
+}
+
+/// Publishes one message per text to `channel` through `PUBLISH_MESSAGE`, pipelined.
+pub async fn publish_texts(
+    conn: &mut MultiplexedConnection,
+    channel: &str,
+    texts: &[String],
+) -> Vec<Published> {
     let script = redis::Script::new(scripts::PUBLISH_MESSAGE);
     let _: (String,) = redis::pipe()
         .load_script(&script)
         .query_async(conn)
         .await
         .unwrap();
-    let mut ids = Vec::with_capacity(n);
-    for chunk in (0..n).collect::<Vec<_>>().chunks(200) {
+    let mut published = Vec::with_capacity(texts.len());
+    for chunk in texts.iter().enumerate().collect::<Vec<_>>().chunks(200) {
         let mut pipe = redis::pipe();
         let mut invocations = Vec::new();
-        for i in chunk {
+        let mut ids = Vec::new();
+        for (i, text) in chunk {
             let message = StoredMessage {
                 channel: channel.to_owned(),
                 msg_id: Uuid::new_v4(),
                 user: format!("user{}", i % 7),
-                text: format!("message {i} with\ttab, newline\n and backslash \\ é"),
+                text: (*text).clone(),
                 ts: chrono::Utc::now().timestamp_millis(),
                 clock: *i as u64,
             };
@@ -255,9 +271,21 @@ pub async fn publish(conn: &mut MultiplexedConnection, channel: &str, n: usize) 
         for invocation in &invocations {
             pipe.invoke_script(invocation);
         }
-        let _: Vec<(i64, String)> = pipe.query_async(conn).await.unwrap();
+        let replies: Vec<(i64, String)> = pipe.query_async(conn).await.unwrap();
+        for (msg_id, (offset, _epoch)) in ids.into_iter().zip(replies) {
+            published.push(Published {
+                channel: channel.to_owned(),
+                offset,
+                msg_id,
+            });
+        }
     }
-    ids
+    published
+}
+
+/// The ids of `published`.
+pub fn ids(published: &[Published]) -> Vec<Uuid> {
+    published.iter().map(|p| p.msg_id).collect()
 }
 
 /// Registers a user or channel name through `REGISTER_NAME`.
@@ -310,17 +338,48 @@ pub async fn xadd(conn: &mut MultiplexedConnection, shard: u32, fields: &[(&str,
         .unwrap();
 }
 
+/// The dead letters of `shard`: `(reason, cause, fields)` in order.
+pub async fn dead_letters(
+    conn: &mut MultiplexedConnection,
+    shard: u32,
+) -> Vec<HashMap<String, Vec<u8>>> {
+    let dead: redis::streams::StreamRangeReply =
+        redis::AsyncCommands::xrange_all(conn, keys::dead_letter_key(shard))
+            .await
+            .unwrap();
+    dead.ids
+        .iter()
+        .map(|entry| {
+            entry
+                .map
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        k.clone(),
+                        redis::from_redis_value_ref::<Vec<u8>>(v).unwrap(),
+                    )
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// A field of a dead letter as text.
+pub fn field(letter: &HashMap<String, Vec<u8>>, name: &str) -> String {
+    String::from_utf8_lossy(letter.get(name).map_or(&[][..], Vec::as_slice)).into_owned()
+}
+
 /// The fields of `entry` as a script would write them.
 pub fn fields_of(entry: &PersistEntry) -> Vec<(&'static str, Vec<u8>)> {
     entry.fields()
 }
 
-/// `(rows, distinct msg_ids)` of `messages`; `(0, 0)` before the schema exists.
-pub async fn message_counts(pool: &PgPool) -> (i64, i64) {
-    sqlx::query_as("SELECT count(*), count(DISTINCT msg_id) FROM messages")
+/// Rows in `messages`; 0 before the schema exists.
+pub async fn message_rows(pool: &PgPool) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM messages")
         .fetch_one(pool)
         .await
-        .unwrap_or((0, 0))
+        .unwrap_or(0)
 }
 
 pub async fn count(pool: &PgPool, table: &'static str) -> i64 {
@@ -333,25 +392,66 @@ pub async fn count(pool: &PgPool, table: &'static str) -> i64 {
     sqlx::query_scalar(sql).fetch_one(pool).await.unwrap_or(0)
 }
 
-/// Waits until `messages` holds `n` rows, then asserts no duplicate and no extra.
-pub async fn assert_exactly(pool: &PgPool, published: &[Uuid], timeout: Duration) {
+/// Waits until `messages` holds as many rows as were published, then asserts
+/// that the table holds exactly the published messages, each at the channel
+/// and offset its script returned: a lost, extra or misplaced row fails it.
+pub async fn assert_exactly(pool: &PgPool, published: &[Published], timeout: Duration) {
     let n = published.len() as i64;
     wait_for(timeout, &format!("{n} rows"), || async {
-        message_counts(pool).await.0 >= n
+        message_rows(pool).await >= n
     })
     .await;
-    let (rows, distinct) = message_counts(pool).await;
-    assert_eq!(rows, n, "rows in messages");
-    assert_eq!(distinct, n, "distinct msg_ids in messages");
-    let stored: Vec<Uuid> = sqlx::query_scalar("SELECT msg_id FROM messages")
-        .fetch_all(pool)
-        .await
-        .unwrap();
-    let stored: std::collections::HashSet<Uuid> = stored.into_iter().collect();
-    assert!(
-        published.iter().all(|id| stored.contains(id)),
-        "a published message is missing"
+    let rows: Vec<(String, i64, Uuid)> =
+        sqlx::query_as("SELECT channel, channel_offset, msg_id FROM messages")
+            .fetch_all(pool)
+            .await
+            .unwrap();
+    let stored: HashSet<Published> = rows
+        .into_iter()
+        .map(|(channel, offset, msg_id)| Published {
+            channel,
+            offset,
+            msg_id,
+        })
+        .collect();
+    let expected: HashSet<Published> = published.iter().cloned().collect();
+    assert_eq!(
+        expected.len(),
+        published.len(),
+        "the test published a message twice"
     );
+    let missing: Vec<_> = expected.difference(&stored).take(5).collect();
+    let extra: Vec<_> = stored.difference(&expected).take(5).collect();
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "messages table differs from what was published: missing {missing:?}, extra {extra:?}"
+    );
+}
+
+/// Logs every insert attempt into `messages` that commits, skipped ones
+/// (`ON CONFLICT DO NOTHING`) included: a `BEFORE INSERT` row trigger fires
+/// before the conflict check. A message processed twice shows two attempts.
+pub async fn install_insert_log(pool: &PgPool) {
+    sqlx::raw_sql(
+        "CREATE TABLE insert_log (msg_id uuid NOT NULL);
+         CREATE FUNCTION log_insert() RETURNS trigger LANGUAGE plpgsql AS
+           $$ BEGIN INSERT INTO insert_log VALUES (NEW.msg_id); RETURN NEW; END $$;
+         CREATE TRIGGER log_insert BEFORE INSERT ON messages
+           FOR EACH ROW EXECUTE FUNCTION log_insert();",
+    )
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
+/// Insert attempts per message id, from [`install_insert_log`].
+pub async fn insert_attempts(pool: &PgPool) -> HashMap<Uuid, i64> {
+    let rows: Vec<(Uuid, i64)> =
+        sqlx::query_as("SELECT msg_id, count(*) FROM insert_log GROUP BY msg_id")
+            .fetch_all(pool)
+            .await
+            .unwrap();
+    rows.into_iter().collect()
 }
 
 /// Entries left in all persistence streams, and entries pending in the group.

@@ -1,0 +1,143 @@
+//! A Unix-socket proxy in front of a real server that can lose one reply.
+//!
+//! It forwards bytes both ways unchanged, except once: the first reply at
+//! least `min_len` bytes long to a request that contained `command` is
+//! swallowed and the connection closed, as when a network path dies after the
+//! server acted but before the client heard back. Tests use it to drive
+//! "the command ran, the reply was lost" deterministically.
+
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+/// The one reply to lose.
+#[derive(Debug, Clone)]
+pub struct LoseReply {
+    /// A command name as it appears in the request (matched case-insensitively).
+    pub command: String,
+    /// Replies shorter than this pass (e.g. an empty `XREADGROUP` answer).
+    pub min_len: usize,
+}
+
+#[derive(Debug)]
+struct Shared {
+    fault: LoseReply,
+    armed: AtomicBool,
+    fired: AtomicUsize,
+    closed: AtomicBool,
+}
+
+/// A running proxy; stops accepting when dropped (open connections end with their peers).
+#[derive(Debug)]
+pub struct FaultProxy {
+    dir: tempfile::TempDir,
+    shared: Arc<Shared>,
+}
+
+impl FaultProxy {
+    /// Listens on a new socket and forwards every connection to `target`.
+    pub fn start(target: &Path, fault: LoseReply) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("cc-proxy")
+            .tempdir()
+            .expect("temp dir");
+        let listener = UnixListener::bind(dir.path().join("proxy.sock")).expect("bind proxy");
+        let shared = Arc::new(Shared {
+            fault,
+            armed: AtomicBool::new(true),
+            fired: AtomicUsize::new(0),
+            closed: AtomicBool::new(false),
+        });
+        let target = target.to_owned();
+        let accepting = shared.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { return };
+                if accepting.closed.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(server) = UnixStream::connect(&target) else {
+                    continue;
+                };
+                let shared = accepting.clone();
+                std::thread::spawn(move || pump(client, server, shared));
+            }
+        });
+        Self { dir, shared }
+    }
+
+    /// The socket clients connect to.
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("proxy.sock")
+    }
+
+    /// `unix://` URL of the proxy socket (for a Redis target).
+    pub fn redis_url(&self) -> String {
+        format!("unix://{}", self.socket().display())
+    }
+
+    /// How many replies were lost (0 or 1).
+    pub fn fired(&self) -> usize {
+        self.shared.fired.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        // Wake the accept loop so its thread ends.
+        self.shared.closed.store(true, Ordering::SeqCst);
+        let _ = UnixStream::connect(self.socket());
+        let _ = std::fs::remove_file(self.socket());
+    }
+}
+
+/// Forwards one connection: requests on this thread's helper, replies here.
+fn pump(client: UnixStream, server: UnixStream, shared: Arc<Shared>) {
+    let asked = Arc::new(AtomicBool::new(false));
+    let (Ok(mut client_in), Ok(mut server_out)) = (client.try_clone(), server.try_clone()) else {
+        return;
+    };
+    let requests = {
+        let asked = asked.clone();
+        let command = shared.fault.command.to_ascii_lowercase().into_bytes();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 64 * 1024];
+            while let Ok(n) = client_in.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                let chunk = buf[..n].to_ascii_lowercase();
+                asked.store(
+                    chunk.windows(command.len()).any(|w| w == command),
+                    Ordering::SeqCst,
+                );
+                if server_out.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+            let _ = server_out.shutdown(std::net::Shutdown::Write);
+        })
+    };
+    let (mut server_in, mut client_out) = (server, client);
+    let mut buf = vec![0u8; 64 * 1024];
+    while let Ok(n) = server_in.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        if n >= shared.fault.min_len
+            && asked.load(Ordering::SeqCst)
+            && shared.armed.swap(false, Ordering::SeqCst)
+        {
+            shared.fired.fetch_add(1, Ordering::SeqCst);
+            break;
+        }
+        if client_out.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+    let _ = client_out.shutdown(std::net::Shutdown::Both);
+    let _ = server_in.shutdown(std::net::Shutdown::Both);
+    let _ = requests.join();
+}

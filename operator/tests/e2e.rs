@@ -11,7 +11,7 @@ use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::time::Duration;
 
-use chatcluster_operator::build::{CONFIG_HASH_ANNOTATION, MANAGER, names};
+use chatcluster_operator::build::{CONFIG_HASH_ANNOTATION, Component, MANAGER, names};
 use chatcluster_operator::controller::{self, Settings};
 use chatcluster_operator::crd::{ChatCluster, ChatClusterSpec};
 use chatcluster_operator::metrics::Metrics;
@@ -193,6 +193,7 @@ where
         resync: Duration::from_secs(2),
         namespace: Some(namespace.clone()),
         concurrency: 2,
+        operator_namespace: namespace.clone(),
     };
     let reporter = Reporter {
         controller: "chatcluster-operator-e2e".to_owned(),
@@ -248,14 +249,14 @@ async fn creates_every_child_with_the_sidecar_layout_and_status() {
         let cluster = env.apply_example("minimal.yaml", "demo").await;
         let sa: ServiceAccount = env.child(&names::service_account("demo")).await;
         let cm: ConfigMap = env.child(&names::haproxy_config("demo")).await;
-        let secret: Secret = env.child(&names::postgres("demo")).await;
-        let redis: StatefulSet = env.child(&names::redis("demo")).await;
-        let postgres: StatefulSet = env.child(&names::postgres("demo")).await;
-        let gateway_svc: Service = env.child(&names::gateway("demo")).await;
-        let gateway: Deployment = env.child(&names::gateway("demo")).await;
-        let worker: Deployment = env.child(&names::worker("demo")).await;
-        let pdb: PodDisruptionBudget = env.child(&names::gateway("demo")).await;
-        let np: NetworkPolicy = env.child(&names::redis("demo")).await;
+        let secret: Secret = env.child(&Component::Postgres.object_name("demo")).await;
+        let redis: StatefulSet = env.child(&Component::Redis.object_name("demo")).await;
+        let postgres: StatefulSet = env.child(&Component::Postgres.object_name("demo")).await;
+        let gateway_svc: Service = env.child(&Component::Gateway.object_name("demo")).await;
+        let gateway: Deployment = env.child(&Component::Gateway.object_name("demo")).await;
+        let worker: Deployment = env.child(&Component::Worker.object_name("demo")).await;
+        let pdb: PodDisruptionBudget = env.child(&Component::Gateway.object_name("demo")).await;
+        let np: NetworkPolicy = env.child(&Component::Redis.object_name("demo")).await;
         for meta in [
             sa.meta(),
             cm.meta(),
@@ -350,7 +351,8 @@ async fn creates_every_child_with_the_sidecar_layout_and_status() {
 async fn scale_subresource_scales_the_gateways() {
     with_env(|env| async move {
         env.apply_example("minimal.yaml", "scaled").await;
-        env.child::<Deployment>(&names::gateway("scaled")).await;
+        env.child::<Deployment>(&Component::Gateway.object_name("scaled"))
+            .await;
         let scale = json!({"spec": {"replicas": 3}});
         env.clusters()
             .patch_scale("scaled", &PatchParams::default(), &Patch::Merge(&scale))
@@ -360,7 +362,10 @@ async fn scale_subresource_scales_the_gateways() {
         eventually("the gateway Deployment has 3 replicas", || {
             let deployments = deployments.clone();
             async move {
-                let d = deployments.get(&names::gateway("scaled")).await.ok()?;
+                let d = deployments
+                    .get(&Component::Gateway.object_name("scaled"))
+                    .await
+                    .ok()?;
                 (d.spec?.replicas == Some(3)).then_some(())
             }
         })
@@ -396,7 +401,7 @@ async fn scale_subresource_scales_the_gateways() {
 async fn spec_change_rolls_the_gateway_pods() {
     with_env(|env| async move {
         let cluster = env.apply_example("minimal.yaml", "rolling").await;
-        let before: Deployment = env.child(&names::gateway("rolling")).await;
+        let before: Deployment = env.child(&Component::Gateway.object_name("rolling")).await;
         let hash = |d: &Deployment| {
             let template = d.spec.as_ref()?.template.metadata.as_ref()?;
             template
@@ -414,7 +419,10 @@ async fn spec_change_rolls_the_gateway_pods() {
             let deployments = deployments.clone();
             let old_hash = old_hash.clone();
             async move {
-                let d = deployments.get(&names::gateway("rolling")).await.ok()?;
+                let d = deployments
+                    .get(&Component::Gateway.object_name("rolling"))
+                    .await
+                    .ok()?;
                 (hash(&d)? != old_hash).then_some(d)
             }
         })
@@ -521,7 +529,7 @@ async fn missing_secret_degrades_until_it_appears() {
             status::find(s, status::DEGRADED).is_some_and(|c| c.status == "False")
         })
         .await;
-        let deployment: Deployment = env.child(&names::gateway("ext")).await;
+        let deployment: Deployment = env.child(&Component::Gateway.object_name("ext")).await;
         let env_vars = deployment.spec.unwrap().template.spec.unwrap().containers[0]
             .env
             .clone()
@@ -540,7 +548,7 @@ async fn missing_secret_degrades_until_it_appears() {
         );
         assert!(
             env.api::<StatefulSet>()
-                .get_opt(&names::redis("ext"))
+                .get_opt(&Component::Redis.object_name("ext"))
                 .await
                 .unwrap()
                 .is_none()
@@ -556,7 +564,8 @@ async fn steady_state_changes_nothing() {
         env.apply_example("minimal.yaml", "steady").await;
         env.status_where("steady", "status is written", |s| s.conditions.len() == 3)
             .await;
-        env.child::<NetworkPolicy>(&names::postgres("steady")).await;
+        env.child::<NetworkPolicy>(&Component::Postgres.object_name("steady"))
+            .await;
         // Pods keep changing while images are pulled and probes start, and the status follows
         // them. Once they settle, five resyncs (2 s each) in a row must write nothing; an
         // operator that keeps writing never gets there and the test times out.
@@ -636,15 +645,20 @@ async fn deleting_the_cluster_removes_its_children() {
             postgres.pvc_retention = chatcluster_operator::crd::PvcRetention::Delete;
         }
         env.apply_spec("doomed", &example.spec).await;
-        env.child::<Deployment>(&names::worker("doomed")).await;
-        env.child::<NetworkPolicy>(&names::postgres("doomed")).await;
+        env.child::<Deployment>(&Component::Worker.object_name("doomed"))
+            .await;
+        env.child::<NetworkPolicy>(&Component::Postgres.object_name("doomed"))
+            .await;
         let statefulsets = env.api::<StatefulSet>();
         eventually(
             "the postgres StatefulSet deletes its claims with it",
             || {
                 let statefulsets = statefulsets.clone();
                 async move {
-                    let set = statefulsets.get(&names::postgres("doomed")).await.ok()?;
+                    let set = statefulsets
+                        .get(&Component::Postgres.object_name("doomed"))
+                        .await
+                        .ok()?;
                     let policy = set.spec?.persistent_volume_claim_retention_policy?;
                     (policy.when_deleted.as_deref() == Some("Delete")).then_some(())
                 }

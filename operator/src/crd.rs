@@ -292,20 +292,22 @@ pub struct PostgresSpec {
 /// A data store run by the operator.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("self.?storageClassName.orValue('') == oldSelf.?storageClassName.orValue('')").message("storageClassName is immutable: a volume cannot move to another StorageClass; create a new ChatCluster instead"))]
-#[x_kube(validation = Rule::new("!has(self.storage) || !has(oldSelf.storage) || quantity(string(self.storage)).compareTo(quantity(string(oldSelf.storage))) >= 0").message("storage can only grow: a volume cannot shrink"))]
+#[x_kube(validation = Rule::new("has(self.storageClassName) == has(oldSelf.storageClassName) && (!has(self.storageClassName) || self.storageClassName == oldSelf.storageClassName)").message("storageClassName is immutable: a volume cannot move to another StorageClass; create a new ChatCluster instead"))]
+#[x_kube(validation = Rule::new("!has(self.storage) || !has(oldSelf.storage) || quantity(self.storage).compareTo(quantity(oldSelf.storage)) >= 0").message("storage can only grow: a volume cannot shrink"))]
 pub struct ManagedDatastore {
     /// Container image. Empty means `redis:7.4-alpine` for Redis and `postgres:17-alpine` for
     /// PostgreSQL.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
-    /// Size of the data volume. Empty means 1Gi for Redis and 5Gi for PostgreSQL. Can only
-    /// grow: the operator then resizes the PersistentVolumeClaim, which needs a StorageClass
-    /// with `allowVolumeExpansion: true`.
+    /// Size of the data volume, e.g. `10Gi`. Empty means 1Gi for Redis and 5Gi for
+    /// PostgreSQL. Can only grow: the operator then resizes the PersistentVolumeClaim, which
+    /// needs a StorageClass with `allowVolumeExpansion: true`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "storage_schema")]
     pub storage: Option<Quantity>,
     /// StorageClass of the data volume. Empty means the cluster's default class. Immutable.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
     pub storage_class_name: Option<String>,
     /// What happens to the data volume when the ChatCluster is deleted: `Retain` (default)
     /// keeps the PersistentVolumeClaim and its data (and, for PostgreSQL, the credentials
@@ -579,6 +581,17 @@ impl Default for PostgresSpec {
             external: None,
         }
     }
+}
+
+/// A storage size: a string the CEL `quantity()` function accepts, short enough for the API
+/// server's rule cost budget.
+fn storage_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "string",
+        "nullable": true,
+        "maxLength": 32,
+        "pattern": "^[0-9]+(\\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$",
+    })
 }
 
 fn one() -> i32 {

@@ -2,7 +2,7 @@
 //! cannot, and turns it into a worker count through [`crate::autoscale`].
 //!
 //! While Redis cannot be read (still starting, network policy, outage) the lag is read again
-//! only after a backoff (5 s doubling to 5 min) instead of on every reconcile, the warning is
+//! only after a backoff (5 s doubling to 1 min) instead of on every reconcile, the warning is
 //! logged once when reading starts failing, and the status says it once (condition
 //! `ScalingActive=False`, reason `LagUnavailable`) until a read succeeds.
 
@@ -11,9 +11,21 @@ use std::time::{Duration, Instant};
 use kube::runtime::reflector::ObjectRef;
 use tracing::{debug, info, warn};
 
-use super::{Context, backoff, lock};
+use super::{Context, lock};
 use crate::autoscale::{self, Stabilizer};
 use crate::crd::ChatCluster;
+
+/// First wait after a failed lag read.
+const FIRST_LAG_RETRY: Duration = Duration::from_secs(5);
+/// Longest wait between lag reads while they fail: short, so a Redis that comes up (or
+/// back) is noticed soon.
+const MAX_LAG_RETRY: Duration = Duration::from_secs(60);
+
+/// Wait before the lag is read again after `failures` failed reads in a row.
+fn lag_retry(failures: u32) -> Duration {
+    let factor = 2_u32.saturating_pow(failures.saturating_sub(1));
+    FIRST_LAG_RETRY.saturating_mul(factor).min(MAX_LAG_RETRY)
+}
 
 /// Autoscaler memory of one cluster.
 #[derive(Debug)]
@@ -91,7 +103,7 @@ pub(crate) async fn read_lag(
         }
         Err(error) => {
             state.failures = state.failures.saturating_add(1);
-            let wait = backoff(state.failures);
+            let wait = lag_retry(state.failures);
             state.next_read = now + wait;
             if state.failures == 1 {
                 warn!(%error, "persistence lag unavailable; keeping the worker count");
@@ -136,4 +148,18 @@ pub(crate) fn scale_workers(
             .stabilizer
             .stabilize(now, bounded(current), recommended, window),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lag_retries_double_up_to_a_minute() {
+        assert_eq!(lag_retry(1), Duration::from_secs(5));
+        assert_eq!(lag_retry(2), Duration::from_secs(10));
+        assert_eq!(lag_retry(4), Duration::from_secs(40));
+        assert_eq!(lag_retry(5), Duration::from_secs(60));
+        assert_eq!(lag_retry(u32::MAX), Duration::from_secs(60));
+    }
 }

@@ -76,6 +76,21 @@ impl Env {
     }
 
     async fn apply_spec(&self, name: &str, spec: &ChatClusterSpec) -> ChatCluster {
+        self.patch_spec(name, spec)
+            .await
+            .expect("applying a ChatCluster")
+    }
+
+    /// Applies a spec and returns the API server's refusal, if any.
+    async fn try_apply_spec(&self, name: &str, spec: &ChatClusterSpec) -> Result<(), String> {
+        self.patch_spec(name, spec)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    /// Server-side-applies `spec` (with the test run's HAProxy `maxConn`, if set).
+    async fn patch_spec(&self, name: &str, spec: &ChatClusterSpec) -> kube::Result<ChatCluster> {
         let mut spec = spec.clone();
         if let Some(max_conn) = max_conn_override() {
             spec.gateway.haproxy.max_conn = max_conn;
@@ -86,33 +101,10 @@ impl Env {
             "metadata": {"name": name},
             "spec": spec,
         });
+        let params = PatchParams::apply(E2E_MANAGER).force();
         self.clusters()
-            .patch(
-                name,
-                &PatchParams::apply(E2E_MANAGER).force(),
-                &Patch::Apply(&body),
-            )
+            .patch(name, &params, &Patch::Apply(&body))
             .await
-            .expect("applying a ChatCluster")
-    }
-
-    /// Applies a spec and returns the API server's refusal, if any.
-    async fn try_apply_spec(&self, name: &str, spec: &ChatClusterSpec) -> Result<(), String> {
-        let body = json!({
-            "apiVersion": "chatcluster.dev/v1alpha1",
-            "kind": "ChatCluster",
-            "metadata": {"name": name},
-            "spec": spec,
-        });
-        self.clusters()
-            .patch(
-                name,
-                &PatchParams::apply(E2E_MANAGER).force(),
-                &Patch::Apply(&body),
-            )
-            .await
-            .map(|_| ())
-            .map_err(|e| e.to_string())
     }
 
     /// Waits until `name` of kind `K` exists and returns it.
@@ -956,47 +948,32 @@ impl Env {
         cluster
     }
 
+    /// `kubectl exec` arguments running `sql` in the cluster's managed PostgreSQL.
+    fn psql_args(&self, name: &str, sql: &str) -> Vec<String> {
+        let pod = format!("{}-0", Component::Postgres.object_name(name));
+        let fixed = ["psql", "-U", "chat", "-d", "chat", "-tAc"];
+        ["exec", "-n", self.namespace.as_str(), pod.as_str(), "--"]
+            .into_iter()
+            .chain(fixed)
+            .chain([sql])
+            .map(str::to_owned)
+            .collect()
+    }
+
     /// Runs SQL in the cluster's managed PostgreSQL through `kubectl exec`.
     async fn psql(&self, name: &str, sql: &str) -> String {
-        let pod = format!("{}-0", Component::Postgres.object_name(name));
-        let out = kubectl(&[
-            "exec",
-            "-n",
-            &self.namespace,
-            &pod,
-            "--",
-            "psql",
-            "-U",
-            "chat",
-            "-d",
-            "chat",
-            "-tAc",
-            sql,
-        ])
-        .await;
-        out.trim().to_owned()
+        let args = self.psql_args(name, sql);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        kubectl(&args).await.trim().to_owned()
     }
 
     /// Polls `sql` until it returns `expected`.
     async fn psql_until(&self, name: &str, sql: &str, expected: &str) {
         let what = format!("{sql} returns {expected}");
+        let args = self.psql_args(name, sql);
         eventually(&what, || async {
-            let pod = format!("{}-0", Component::Postgres.object_name(name));
             let output = tokio::process::Command::new(tool("KUBECTL", "kubectl"))
-                .args([
-                    "exec",
-                    "-n",
-                    &self.namespace,
-                    &pod,
-                    "--",
-                    "psql",
-                    "-U",
-                    "chat",
-                    "-d",
-                    "chat",
-                    "-tAc",
-                    sql,
-                ])
+                .args(&args)
                 .output()
                 .await
                 .ok()?;

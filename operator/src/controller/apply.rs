@@ -109,14 +109,16 @@ pub(crate) async fn apply_children(
 ) -> Outcome {
     let stores = &ctx.stores;
     let mut outcome = Outcome::default();
-    let sa = std::slice::from_ref(&children.service_account);
-    apply_all(
-        ctx,
-        sa,
-        |n| cached(&stores.service_accounts, n, namespace),
-        &mut outcome,
-    )
-    .await;
+    // One kind after another, each against its own cache.
+    macro_rules! apply {
+        ($objects:expr, $store:ident) => {
+            apply_kind(ctx, $objects, &stores.$store, namespace, &mut outcome).await
+        };
+    }
+    apply!(
+        std::slice::from_ref(&children.service_account),
+        service_accounts
+    );
     let live_secret = |name: &str| {
         secrets
             .iter()
@@ -125,55 +127,30 @@ pub(crate) async fn apply_children(
             .map(Arc::new)
     };
     apply_all(ctx, &children.secrets, live_secret, &mut outcome).await;
-    let cm = std::slice::from_ref(&children.haproxy_config);
-    apply_all(
-        ctx,
-        cm,
-        |n| cached(&stores.config_maps, n, namespace),
-        &mut outcome,
-    )
-    .await;
-    let policies = &children.network_policies;
-    apply_all(
-        ctx,
-        policies,
-        |n| cached(&stores.network_policies, n, namespace),
-        &mut outcome,
-    )
-    .await;
-    let sets = &children.statefulsets;
-    apply_all(
-        ctx,
-        sets,
-        |n| cached(&stores.statefulsets, n, namespace),
-        &mut outcome,
-    )
-    .await;
-    let services = &children.services;
-    apply_all(
-        ctx,
-        services,
-        |n| cached(&stores.services, n, namespace),
-        &mut outcome,
-    )
-    .await;
-    let deployments = &children.deployments;
-    apply_all(
-        ctx,
-        deployments,
-        |n| cached(&stores.deployments, n, namespace),
-        &mut outcome,
-    )
-    .await;
-    let pdbs = &children.disruption_budgets;
-    apply_all(
-        ctx,
-        pdbs,
-        |n| cached(&stores.disruption_budgets, n, namespace),
-        &mut outcome,
-    )
-    .await;
+    apply!(std::slice::from_ref(&children.haproxy_config), config_maps);
+    apply!(&children.network_policies, network_policies);
+    apply!(&children.statefulsets, statefulsets);
+    apply!(&children.services, services);
+    apply!(&children.deployments, deployments);
+    apply!(&children.disruption_budgets, disruption_budgets);
     outcome
+}
+
+/// Applies each of `objects` that differs from its cached copy in `store`.
+async fn apply_kind<K>(
+    ctx: &Context,
+    objects: &[K],
+    store: &Store<K>,
+    namespace: &str,
+    outcome: &mut Outcome,
+) where
+    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
+        + Serialize
+        + DeserializeOwned
+        + Clone
+        + Debug,
+{
+    apply_all(ctx, objects, |n| cached(store, n, namespace), outcome).await;
 }
 
 /// Applies each of `objects` that differs from `observe(name)`; records what happened.

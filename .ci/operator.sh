@@ -145,9 +145,9 @@ print(f"ok images: {sorted({n for _, n, _ in named})} are Dockerfile targets at 
 PY
 
 step "hadolint"
-"$TOOLS_DIR/venv/bin/hadolint" docker/Dockerfile
+"$TOOLS_DIR/venv/bin/hadolint" docker/Dockerfile docker/Dockerfile.dev
 
 step "shellcheck"
-shellcheck .ci/operator.sh operator/gen.sh
+shellcheck .ci/operator.sh operator/gen.sh docker/build-images.sh
 
 step "all operator checks passed in $((SECONDS - started))s"

@@ -11,21 +11,15 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
+use chatcluster_protocol::keys::{PERSIST_GROUP, persist_keys};
 use futures_util::future::BoxFuture;
 use redis::AsyncCommands;
 use redis::streams::StreamInfoGroupsReply;
 
 use crate::error::{Error, Result};
 
-/// Consumer group of the workers.
-pub const PERSIST_GROUP: &str = "persist";
 /// How long one lag read may take before it counts as failed.
 const READ_TIMEOUT: Duration = Duration::from_secs(3);
-
-/// Key of persistence shard `shard`.
-pub fn persist_stream(shard: i32) -> String {
-    format!("cc:{{s{shard}}}:persist")
-}
 
 /// Workers wanted for `lag` unread entries.
 pub fn replicas_for_lag(lag: i64, target_per_replica: i64, min: i32, max: i32) -> i32 {
@@ -92,8 +86,14 @@ impl Stabilizer {
 
 /// Where the operator reads the lag from; Redis in production, a fixed value in tests.
 pub trait LagSource: Send + Sync {
-    /// Total lag of the `persist` group over `shards` shards of the Redis at `url`.
-    fn total_lag<'a>(&'a self, url: &'a str, shards: i32) -> BoxFuture<'a, Result<i64>>;
+    /// Total lag of the `persist` group over `shards` shards of the Redis at `url`
+    /// (`redis://` or `rediss://`), trusting the PEM CA `ca` when given.
+    fn total_lag<'a>(
+        &'a self,
+        url: &'a str,
+        ca: Option<&'a str>,
+        shards: i32,
+    ) -> BoxFuture<'a, Result<i64>>;
 }
 
 /// Reads the lag with `XINFO GROUPS` over a fresh connection per read.
@@ -101,9 +101,14 @@ pub trait LagSource: Send + Sync {
 pub struct RedisLag;
 
 impl LagSource for RedisLag {
-    fn total_lag<'a>(&'a self, url: &'a str, shards: i32) -> BoxFuture<'a, Result<i64>> {
+    fn total_lag<'a>(
+        &'a self,
+        url: &'a str,
+        ca: Option<&'a str>,
+        shards: i32,
+    ) -> BoxFuture<'a, Result<i64>> {
         Box::pin(async move {
-            match tokio::time::timeout(READ_TIMEOUT, read_lag(url, shards)).await {
+            match tokio::time::timeout(READ_TIMEOUT, read_lag(url, ca, shards)).await {
                 Ok(result) => result.map_err(Error::Redis),
                 Err(_) => Err(Error::Redis(redis::RedisError::from((
                     redis::ErrorKind::Io,
@@ -114,12 +119,25 @@ impl LagSource for RedisLag {
     }
 }
 
-async fn read_lag(url: &str, shards: i32) -> redis::RedisResult<i64> {
-    let client = redis::Client::open(url)?;
+/// A client for `url`; with a CA, TLS (`rediss://`) trusts that CA.
+fn client(url: &str, ca: Option<&str>) -> redis::RedisResult<redis::Client> {
+    match ca {
+        None => redis::Client::open(url),
+        Some(ca) => redis::Client::build_with_tls(
+            url,
+            redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(ca.as_bytes().to_vec()),
+            },
+        ),
+    }
+}
+
+async fn read_lag(url: &str, ca: Option<&str>, shards: i32) -> redis::RedisResult<i64> {
+    let client = client(url, ca)?;
     let mut connection = client.get_multiplexed_async_connection().await?;
     let mut total = 0_i64;
-    for shard in 0..shards {
-        let key = persist_stream(shard);
+    for key in persist_keys(u32::try_from(shards).unwrap_or(0)) {
         let reply: redis::RedisResult<StreamInfoGroupsReply> = connection.xinfo_groups(&key).await;
         let groups = match reply {
             Ok(reply) => reply.groups,
@@ -150,6 +168,7 @@ async fn read_lag(url: &str, shards: i32) -> redis::RedisResult<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use chatcluster_protocol::keys::persist_key;
 
     const WINDOW: Duration = Duration::from_secs(300);
 
@@ -162,12 +181,6 @@ mod tests {
         assert_eq!(replicas_for_lag(1_000_000, 5000, 1, 8), 8);
         assert_eq!(replicas_for_lag(0, 5000, 0, 8), 0);
         assert_eq!(replicas_for_lag(i64::MAX, 1, 1, 8), 8);
-    }
-
-    #[test]
-    fn shard_keys_use_hash_tags() {
-        assert_eq!(persist_stream(0), "cc:{s0}:persist");
-        assert_eq!(persist_stream(3), "cc:{s3}:persist");
     }
 
     #[test]
@@ -225,25 +238,25 @@ mod tests {
         };
         // Shard 0: three entries no worker has read.
         let _: () = redis
-            .xgroup_create_mkstream(persist_stream(0), PERSIST_GROUP, "$")
+            .xgroup_create_mkstream(persist_key(0), PERSIST_GROUP, "$")
             .await
             .unwrap();
-        let _: () = add(persist_stream(0), 3)
+        let _: () = add(persist_key(0), 3)
             .query_async(&mut redis)
             .await
             .unwrap();
         // Shard 1: five entries, two of them read, acknowledged and deleted as a worker does.
         let _: () = redis
-            .xgroup_create_mkstream(persist_stream(1), PERSIST_GROUP, "$")
+            .xgroup_create_mkstream(persist_key(1), PERSIST_GROUP, "$")
             .await
             .unwrap();
-        let _: () = add(persist_stream(1), 5)
+        let _: () = add(persist_key(1), 5)
             .query_async(&mut redis)
             .await
             .unwrap();
         let read: redis::streams::StreamReadReply = redis
             .xread_options(
-                &[persist_stream(1)],
+                &[persist_key(1)],
                 &[">"],
                 &redis::streams::StreamReadOptions::default()
                     .group(PERSIST_GROUP, "w")
@@ -253,22 +266,22 @@ mod tests {
             .unwrap();
         let ids: Vec<String> = read.keys[0].ids.iter().map(|e| e.id.clone()).collect();
         let _: () = redis
-            .xack(persist_stream(1), PERSIST_GROUP, &ids)
+            .xack(persist_key(1), PERSIST_GROUP, &ids)
             .await
             .unwrap();
-        let _: () = redis.xdel(persist_stream(1), &ids).await.unwrap();
+        let _: () = redis.xdel(persist_key(1), &ids).await.unwrap();
         // Shard 2: no stream. Shard 3: entries but no group yet (no worker started).
-        let _: () = add(persist_stream(3), 4)
+        let _: () = add(persist_key(3), 4)
             .query_async(&mut redis)
             .await
             .unwrap();
 
         assert_eq!(
-            RedisLag.total_lag(&server.url(), 4).await.unwrap(),
+            RedisLag.total_lag(&server.url(), None, 4).await.unwrap(),
             3 + 3 + 4
         );
         assert_eq!(
-            RedisLag.total_lag(&server.url(), 1).await.unwrap(),
+            RedisLag.total_lag(&server.url(), None, 1).await.unwrap(),
             3,
             "only shard 0"
         );
@@ -278,9 +291,139 @@ mod tests {
     async fn unreachable_redis_is_an_error() {
         let port = chatcluster_testkit::free_port();
         let error = RedisLag
-            .total_lag(&format!("redis://127.0.0.1:{port}"), 4)
+            .total_lag(&format!("redis://127.0.0.1:{port}"), None, 4)
             .await
             .unwrap_err();
         assert_eq!(error.metric_label(), "redis");
+    }
+
+    /// A Redis with TLS only, its certificate signed by a CA of our own (made with openssl).
+    struct TlsRedis {
+        process: std::process::Child,
+        port: u16,
+        ca: String,
+        _dir: tempfile::TempDir,
+    }
+
+    impl TlsRedis {
+        fn start() -> Self {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let path = |name: &str| dir.path().join(name).to_string_lossy().into_owned();
+            let openssl = |args: &[&str]| {
+                let status = std::process::Command::new("openssl")
+                    .args(args)
+                    .stderr(std::process::Stdio::null())
+                    .status()
+                    .expect("running openssl");
+                assert!(status.success(), "openssl {args:?}");
+            };
+            let (ca_key, ca_crt) = (path("ca.key"), path("ca.crt"));
+            let (key, csr, crt, ext) = (path("s.key"), path("s.csr"), path("s.crt"), path("s.ext"));
+            openssl(&[
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                &ca_key,
+                "-out",
+                &ca_crt,
+                "-days",
+                "1",
+                "-subj",
+                "/CN=test-ca",
+            ]);
+            openssl(&[
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                &key,
+                "-out",
+                &csr,
+                "-subj",
+                "/CN=localhost",
+            ]);
+            std::fs::write(&ext, "subjectAltName=DNS:localhost,IP:127.0.0.1\n").expect("ext");
+            openssl(&[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                &ca_crt,
+                "-CAkey",
+                &ca_key,
+                "-CAcreateserial",
+                "-out",
+                &crt,
+                "-days",
+                "1",
+                "-extfile",
+                &ext,
+            ]);
+            let port = chatcluster_testkit::free_port();
+            let redis = chatcluster_testkit::find_binary("redis-server", &[], "redis-server");
+            let process = std::process::Command::new(redis)
+                .args([
+                    "--port",
+                    "0",
+                    "--tls-port",
+                    &port.to_string(),
+                    "--bind",
+                    "127.0.0.1",
+                    "--tls-cert-file",
+                    &crt,
+                    "--tls-key-file",
+                    &key,
+                    "--tls-ca-cert-file",
+                    &ca_crt,
+                    "--tls-auth-clients",
+                    "no",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                ])
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .expect("starting redis-server with TLS");
+            let ca = std::fs::read_to_string(&ca_crt).expect("ca");
+            Self {
+                process,
+                port,
+                ca,
+                _dir: dir,
+            }
+        }
+    }
+
+    impl Drop for TlsRedis {
+        fn drop(&mut self) {
+            let _ = self.process.kill();
+            let _ = self.process.wait();
+        }
+    }
+
+    #[tokio::test]
+    async fn reads_the_lag_over_tls_trusting_the_spec_ca() {
+        let server = TlsRedis::start();
+        let url = format!("rediss://localhost:{}", server.port);
+        let mut lag = Err(Error::InvalidSpec("not read yet".to_owned()));
+        for _ in 0..50 {
+            lag = RedisLag.total_lag(&url, Some(&server.ca), 4).await;
+            if lag.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(lag.unwrap(), 0, "no stream yet: nothing to read");
+        let untrusted = RedisLag.total_lag(&url, None, 4).await;
+        assert!(
+            untrusted.is_err(),
+            "a certificate of an unknown CA is refused"
+        );
     }
 }

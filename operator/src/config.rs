@@ -31,9 +31,10 @@ pub struct Args {
     /// Name of the coordination.k8s.io Lease used for leader election.
     #[arg(long, env = "LEASE_NAME", default_value = "chatcluster-operator")]
     pub lease_name: String,
-    /// Namespace of the Lease (the operator's own namespace).
+    /// The operator's own namespace: where its Lease lives, and the only namespace whose
+    /// operator pods the managed Redis NetworkPolicies admit.
     #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
-    pub lease_namespace: String,
+    pub operator_namespace: String,
     /// This instance's identity in the Lease and in events (the pod name).
     #[arg(long, env = "POD_NAME", default_value = "chatcluster-operator")]
     pub identity: String,

@@ -5,7 +5,11 @@
 //! Ranges, enums and defaults live in the schema; cross-field rules are CEL
 //! `x-kubernetes-validations`, so the API server rejects a bad spec before the operator sees it.
 
-use k8s_openapi::api::core::v1::ResourceRequirements;
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{
+    Affinity, ResourceRequirements, Toleration, TopologySpreadConstraint,
+};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::{CustomResource, KubeSchema};
@@ -17,7 +21,7 @@ use serde::{Deserialize, Serialize};
     clippy::duplicated_attributes,
     reason = "printcolumn entries repeat their type by design"
 )]
-#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[kube(
     group = "chatcluster.dev",
     version = "v1alpha1",
@@ -72,18 +76,23 @@ pub struct ChatClusterSpec {
     #[serde(default)]
     pub worker: WorkerSpec,
     /// Redis: run by the operator (`managed`) or an existing one (`external`). Exactly one.
+    /// Switching between them is allowed; the operator removes what the old mode created
+    /// (the data volume follows `managed.pvcRetention`).
     #[serde(default)]
-    pub redis: DatastoreSpec,
+    pub redis: RedisSpec,
     /// PostgreSQL: run by the operator (`managed`) or an existing one (`external`). Exactly one.
+    /// Switching between them is allowed; the operator removes what the old mode created
+    /// (the data volume and its credentials follow `managed.pvcRetention`).
     #[serde(default)]
-    pub postgres: DatastoreSpec,
+    pub postgres: PostgresSpec,
     /// How clients authenticate to the gateways.
     #[serde(default)]
     pub auth: AuthSpec,
-    /// Number of persistence stream shards (`STREAM_SHARDS`) in Redis. Changing it on a running
-    /// cluster strands entries in the old shards, so choose it up front.
+    /// Number of persistence stream shards (`STREAM_SHARDS`) in Redis. Immutable: changing it
+    /// on a running cluster would strand entries in the old shards, so choose it up front.
     #[serde(default = "default_stream_shards")]
     #[schemars(range(min = 1, max = 256))]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("streamShards is immutable: entries in the old shards would never reach PostgreSQL; create a new ChatCluster instead"))]
     pub stream_shards: i32,
     /// Messages kept per channel in the Redis history stream (`HISTORY_SIZE`).
     #[serde(default = "default_history_size")]
@@ -137,6 +146,30 @@ pub struct GatewaySpec {
     /// The Service in front of the gateway pods.
     #[serde(default)]
     pub service: ServiceSpec,
+    /// Where the gateway pods may run.
+    #[serde(flatten)]
+    pub placement: Placement,
+}
+
+/// Where a component's pods may run; each field is passed to the pod spec unchanged.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Placement {
+    /// Node labels the pods require (`nodeSelector` of the pod spec).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_selector: Option<BTreeMap<String, String>>,
+    /// Node and pod affinity and anti-affinity of the pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Affinity>,
+    /// Taints the pods tolerate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tolerations: Option<Vec<Toleration>>,
+    /// How the pods spread over zones, nodes or other topology domains.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topology_spread_constraints: Option<Vec<TopologySpreadConstraint>>,
+    /// PriorityClass of the pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority_class_name: Option<String>,
 }
 
 /// The HAProxy sidecar.
@@ -223,42 +256,107 @@ pub struct WorkerSpec {
     /// Compute resources of each worker container.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
+    /// Where the worker pods may run.
+    #[serde(flatten)]
+    pub placement: Placement,
 }
 
-/// A data store (Redis or PostgreSQL): set exactly one of `managed` or `external`.
+/// Redis: set exactly one of `managed` or `external`.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("has(self.managed) != has(self.external)").message("set exactly one of managed or external"))]
-pub struct DatastoreSpec {
+pub struct RedisSpec {
+    /// Run it in the cluster: a single-replica StatefulSet with a PersistentVolumeClaim.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub managed: Option<ManagedRedis>,
+    /// Use an existing Redis (7 or newer) whose URL (`redis://...`, or `rediss://...` for TLS)
+    /// is in a Secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external: Option<ExternalDatastore>,
+}
+
+/// PostgreSQL: set exactly one of `managed` or `external`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.managed) != has(self.external)").message("set exactly one of managed or external"))]
+pub struct PostgresSpec {
     /// Run it in the cluster: a single-replica StatefulSet with a PersistentVolumeClaim.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub managed: Option<ManagedDatastore>,
-    /// Use an existing server whose URL (`redis://...` or `postgres://...`) is in a Secret.
+    /// Use an existing PostgreSQL whose URL (`postgres://...`; add `?sslmode=verify-full` for
+    /// TLS) is in a Secret.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub external: Option<ExternalDatastore>,
 }
 
 /// A data store run by the operator.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.storageClassName) == has(oldSelf.storageClassName) && (!has(self.storageClassName) || self.storageClassName == oldSelf.storageClassName)").message("storageClassName is immutable: a volume cannot move to another StorageClass; create a new ChatCluster instead"))]
+#[x_kube(validation = Rule::new("!has(self.storage) || !has(oldSelf.storage) || quantity(self.storage).compareTo(quantity(oldSelf.storage)) >= 0").message("storage can only grow: a volume cannot shrink"))]
 pub struct ManagedDatastore {
     /// Container image. Empty means `redis:7.4-alpine` for Redis and `postgres:17-alpine` for
     /// PostgreSQL.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
-    /// Size of the data volume. Empty means 1Gi for Redis and 5Gi for PostgreSQL.
+    /// Size of the data volume, e.g. `10Gi`. Empty means 1Gi for Redis and 5Gi for
+    /// PostgreSQL. Can only grow: the operator then resizes the PersistentVolumeClaim, which
+    /// needs a StorageClass with `allowVolumeExpansion: true`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "storage_schema")]
     pub storage: Option<Quantity>,
-    /// StorageClass of the data volume. Empty means the cluster's default class.
+    /// StorageClass of the data volume. Empty means the cluster's default class. Immutable.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
     pub storage_class_name: Option<String>,
     /// What happens to the data volume when the ChatCluster is deleted: `Retain` (default)
-    /// keeps the PersistentVolumeClaim and its data, `Delete` removes it with the cluster.
+    /// keeps the PersistentVolumeClaim and its data (and, for PostgreSQL, the credentials
+    /// Secret, so a ChatCluster created again with the same name uses both), `Delete`
+    /// removes it with the cluster.
     #[serde(default)]
     pub pvc_retention: PvcRetention,
     /// Compute resources of the data store container.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
+    /// Where the data store pod may run.
+    #[serde(flatten)]
+    pub placement: Placement,
+}
+
+/// A Redis run by the operator.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ManagedRedis {
+    /// Image, volume, resources and placement, as for PostgreSQL.
+    #[serde(flatten)]
+    pub store: ManagedDatastore,
+    /// When Redis flushes its append-only file to disk (`appendfsync`). `always` (default):
+    /// every write is on disk before Redis answers, so a publish the gateway acknowledged
+    /// survives a crash of Redis or its node. `everysec`: flushed once a second, faster, but
+    /// up to about one second of acknowledged publishes can be lost in a crash.
+    #[serde(default)]
+    pub append_fsync: AppendFsync,
+}
+
+/// Redis `appendfsync` policies the operator offers.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum AppendFsync {
+    /// fsync after every write: no acknowledged publish is lost in a crash.
+    #[default]
+    Always,
+    /// fsync once a second: up to about a second of acknowledged publishes can be lost.
+    Everysec,
+}
+
+impl AppendFsync {
+    /// The value of Redis's `--appendfsync` option.
+    pub fn as_arg(self) -> &'static str {
+        match self {
+            Self::Always => "always",
+            Self::Everysec => "everysec",
+        }
+    }
 }
 
 /// PersistentVolumeClaim retention on deletion of the ChatCluster.
@@ -277,6 +375,12 @@ pub enum PvcRetention {
 pub struct ExternalDatastore {
     /// The Secret key holding the connection URL.
     pub url_secret_ref: SecretKeyRef,
+    /// The Secret key holding the PEM certificate of the CA that signed the server's TLS
+    /// certificate, for a server whose certificate no public CA signed. It is mounted into the
+    /// gateway and worker pods (`SSL_CERT_DIR` for Redis, `PGSSLROOTCERT` for PostgreSQL) and
+    /// used by the operator when it reads the stream lag.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_secret_ref: Option<SecretKeyRef>,
 }
 
 /// A key of a Secret in the ChatCluster's namespace.
@@ -329,8 +433,20 @@ impl ChatClusterSpec {
                 worker.min_replicas, worker.max_replicas
             ));
         }
-        for (name, store) in [("redis", &self.redis), ("postgres", &self.postgres)] {
-            if store.managed.is_some() == store.external.is_some() {
+        let stores = [
+            (
+                "redis",
+                self.redis.managed.is_some(),
+                self.redis.external.is_some(),
+            ),
+            (
+                "postgres",
+                self.postgres.managed.is_some(),
+                self.postgres.external.is_some(),
+            ),
+        ];
+        for (name, managed, external) in stores {
+            if managed == external {
                 return Err(format!("{name}: set exactly one of managed or external"));
             }
         }
@@ -408,6 +524,7 @@ impl Default for GatewaySpec {
             drain_timeout_seconds: default_drain_seconds(),
             haproxy: HaproxySpec::default(),
             service: ServiceSpec::default(),
+            placement: Placement::default(),
         }
     }
 }
@@ -443,17 +560,38 @@ impl Default for WorkerSpec {
             claim_idle: default_claim_idle(),
             image: default_worker_image(),
             resources: None,
+            placement: Placement::default(),
         }
     }
 }
 
-impl Default for DatastoreSpec {
+impl Default for RedisSpec {
+    fn default() -> Self {
+        Self {
+            managed: Some(ManagedRedis::default()),
+            external: None,
+        }
+    }
+}
+
+impl Default for PostgresSpec {
     fn default() -> Self {
         Self {
             managed: Some(ManagedDatastore::default()),
             external: None,
         }
     }
+}
+
+/// A storage size: a string the CEL `quantity()` function accepts, short enough for the API
+/// server's rule cost budget.
+fn storage_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "string",
+        "nullable": true,
+        "maxLength": 32,
+        "pattern": "^[0-9]+(\\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$",
+    })
 }
 
 fn one() -> i32 {

@@ -3,6 +3,8 @@
 //! Every failure of a reconcile ends up here, is counted under its [`Error::metric_label`],
 //! reported as a `Degraded` condition and a Warning event, and retried with backoff.
 
+use crate::controller::ChildFailure;
+
 /// Errors of the operator library.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -35,9 +37,27 @@ pub enum Error {
     #[error("reading the persistence lag from Redis failed: {0}")]
     Redis(#[source] redis::RedisError),
 
-    /// Leader election could not talk to its Lease.
-    #[error("leader election failed: {0}")]
-    Lease(String),
+    /// Leader election could not talk to its Lease, or lost it.
+    #[error("leader election failed: {reason}")]
+    Lease {
+        /// What went wrong.
+        reason: &'static str,
+        /// The API error behind it, if any.
+        #[source]
+        source: Option<kube::Error>,
+    },
+
+    /// Some children could not be applied or removed; the others were.
+    #[error("{} of the children failed: {}", .0.len(), join(.0))]
+    Children(Vec<ChildFailure>),
+}
+
+fn join(failures: &[ChildFailure]) -> String {
+    failures
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 impl Error {
@@ -50,7 +70,8 @@ impl Error {
             Self::InvalidSpec(_) => "invalid_spec",
             Self::MissingSecret { .. } => "missing_secret",
             Self::Redis(_) => "redis",
-            Self::Lease(_) => "lease",
+            Self::Lease { .. } => "lease",
+            Self::Children(_) => "children",
         }
     }
 
@@ -61,7 +82,8 @@ impl Error {
             Self::InvalidSpec(_) => "InvalidSpec",
             Self::MissingSecret { .. } => "SecretNotFound",
             Self::Redis(_) => "RedisUnavailable",
-            Self::Lease(_) => "LeaderElectionFailed",
+            Self::Lease { .. } => "LeaderElectionFailed",
+            Self::Children(_) => "ApplyFailed",
         }
     }
 }

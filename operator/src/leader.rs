@@ -1,21 +1,25 @@
 //! Leader election through a `coordination.k8s.io/v1` Lease, so two replicas never reconcile
 //! at once.
 //!
-//! The holder renews the Lease every third of its duration; another instance takes it over
-//! only once it has expired. Writes use the Lease's `resourceVersion`, so of two instances
-//! racing for an expired Lease exactly one wins. A leader that cannot renew in time stops
-//! leading (the binary then exits and restarts as a follower); a leader that shuts down
-//! releases the Lease so a follower takes over at once.
+//! The holder renews the Lease every fifth of its duration. A follower decides expiry by its
+//! own clock, as client-go does: it remembers when it last saw the Lease's record change and
+//! takes the Lease over only after a whole lease duration without a change, so clock skew
+//! between nodes does not matter. Writes use the Lease's `resourceVersion`, so of two
+//! instances racing for an expired Lease exactly one wins. Every API call is bounded by a
+//! timeout, and a leader that has not renewed within the renew deadline (two thirds of the
+//! duration) stops leading before any follower could take over. A leader that shuts down
+//! releases the Lease only after its in-flight reconciles have finished.
 
 use std::future::Future;
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
-use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use k8s_openapi::jiff::Timestamp;
 use kube::Api;
 use kube::api::PostParams;
 use tokio::sync::watch;
+use tokio::time::Instant;
 use tracing::{info, warn};
 
 use crate::error::{Error, Result};
@@ -31,6 +35,18 @@ pub struct LeaseSettings {
     pub duration: Duration,
 }
 
+impl LeaseSettings {
+    /// Time between rounds, and the bound of one API call.
+    pub fn retry_period(&self) -> Duration {
+        self.duration / 5
+    }
+
+    /// A leader that has not renewed for this long stops leading.
+    pub fn renew_deadline(&self) -> Duration {
+        self.duration * 2 / 3
+    }
+}
+
 /// What to do with the Lease as found.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Claim {
@@ -42,8 +58,22 @@ pub enum Claim {
     HeldBy(String),
 }
 
-/// Decides what to do with a Lease found with `spec` at `now`.
-pub fn claim(spec: Option<&LeaseSpec>, identity: &str, now: Timestamp) -> Claim {
+/// A foreign Lease record as this instance last saw it, and when by its own clock.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sighting {
+    holder: String,
+    renew_time: Option<MicroTime>,
+    seen_at: Instant,
+}
+
+/// Decides what to do with a Lease found with `spec` at local time `now`; `last` remembers
+/// when the record last changed.
+pub fn claim(
+    spec: Option<&LeaseSpec>,
+    identity: &str,
+    last: &mut Option<Sighting>,
+    now: Instant,
+) -> Claim {
     let Some(spec) = spec else {
         return Claim::Acquire;
     };
@@ -54,77 +84,126 @@ pub fn claim(spec: Option<&LeaseSpec>, identity: &str, now: Timestamp) -> Claim 
     if holder == identity {
         return Claim::Renew;
     }
-    let duration = SignedDuration::from_secs(i64::from(spec.lease_duration_seconds.unwrap_or(0)));
-    let expired = spec
-        .renew_time
+    let changed = last
         .as_ref()
-        .is_none_or(|renewed| renewed.0 + duration < now);
-    if expired {
+        .is_none_or(|seen| seen.holder != holder || seen.renew_time != spec.renew_time);
+    if changed {
+        *last = Some(Sighting {
+            holder: holder.to_owned(),
+            renew_time: spec.renew_time.clone(),
+            seen_at: now,
+        });
+        return Claim::HeldBy(holder.to_owned());
+    }
+    let duration =
+        Duration::from_secs(u64::try_from(spec.lease_duration_seconds.unwrap_or(0)).unwrap_or(0));
+    let unchanged_for = last
+        .as_ref()
+        .map_or(Duration::ZERO, |seen| now.duration_since(seen.seen_at));
+    if unchanged_for > duration {
         Claim::Acquire
     } else {
         Claim::HeldBy(holder.to_owned())
     }
 }
 
-/// Keeps trying to lead until `shutdown`; `leading` tells the rest of the process.
+/// Keeps trying to lead until `done` completes; `leading` tells the rest of the process.
 ///
-/// Returns an error when leadership, once held, is lost: the caller must stop reconciling.
+/// `done` should complete once the work that needs leadership has stopped, so the Lease is
+/// released only after in-flight reconciles finished. Returns an error when leadership, once
+/// held, is lost: the caller must stop reconciling.
 pub async fn hold(
     api: Api<Lease>,
     settings: LeaseSettings,
     leading: watch::Sender<bool>,
-    shutdown: impl Future<Output = ()>,
+    done: impl Future<Output = ()>,
 ) -> Result<()> {
-    tokio::pin!(shutdown);
-    let renew_every = settings.duration / 3;
-    let mut last_renewal: Option<tokio::time::Instant> = None;
+    tokio::pin!(done);
+    let mut last_renewal: Option<Instant> = None;
+    let mut sighting = None;
     loop {
-        match try_lead(&api, &settings).await {
+        let round_deadline = match last_renewal {
+            Some(at) => at + settings.renew_deadline(),
+            None => Instant::now() + 2 * settings.retry_period(),
+        };
+        let round =
+            tokio::time::timeout_at(round_deadline, try_lead(&api, &settings, &mut sighting));
+        let result = round.await.unwrap_or_else(|_| {
+            Err(Error::Lease {
+                reason: "the Lease round timed out",
+                source: None,
+            })
+        });
+        match result {
             Ok(true) => {
                 if last_renewal.is_none() {
                     info!(identity = %settings.identity, "became leader");
                 }
-                last_renewal = Some(tokio::time::Instant::now());
+                last_renewal = Some(Instant::now());
                 leading.send_replace(true);
             }
-            Ok(false) => {
-                if last_renewal.is_some() {
-                    leading.send_replace(false);
-                    return Err(Error::Lease(
-                        "another instance took over the Lease".to_owned(),
-                    ));
-                }
+            Ok(false) if last_renewal.is_some() => {
+                leading.send_replace(false);
+                return Err(Error::Lease {
+                    reason: "another instance took over the Lease",
+                    source: None,
+                });
             }
+            Ok(false) => {}
             Err(error) => {
                 warn!(%error, "leader election round failed");
-                if last_renewal.is_some_and(|at| at.elapsed() >= settings.duration) {
+                if last_renewal.is_some_and(|at| at.elapsed() >= settings.renew_deadline()) {
                     leading.send_replace(false);
-                    return Err(Error::Lease(format!(
-                        "could not renew the Lease in time: {error}"
-                    )));
+                    return Err(error);
                 }
             }
         }
         tokio::select! {
-            () = &mut shutdown => break,
-            () = tokio::time::sleep(renew_every) => {}
+            () = &mut done => break,
+            () = tokio::time::sleep(settings.retry_period()) => {}
         }
     }
     if last_renewal.is_some() {
-        release(&api, &settings).await;
         leading.send_replace(false);
+        let bound = settings.retry_period();
+        if tokio::time::timeout(bound, release(&api, &settings))
+            .await
+            .is_err()
+        {
+            warn!("releasing the leader Lease timed out");
+        }
     }
     Ok(())
 }
 
+/// Runs one Lease API call within the retry period.
+async fn bounded<T>(
+    settings: &LeaseSettings,
+    call: impl Future<Output = kube::Result<T>>,
+) -> kube::Result<T> {
+    match tokio::time::timeout(settings.retry_period(), call).await {
+        Ok(result) => result,
+        Err(_) => Err(kube::Error::Service(
+            "the Lease call timed out".to_owned().into(),
+        )),
+    }
+}
+
 /// One round: acquire or renew. `Ok(true)` means we lead now.
-async fn try_lead(api: &Api<Lease>, settings: &LeaseSettings) -> Result<bool> {
+async fn try_lead(
+    api: &Api<Lease>,
+    settings: &LeaseSettings,
+    sighting: &mut Option<Sighting>,
+) -> Result<bool> {
+    let existing = bounded(settings, api.get_opt(&settings.name))
+        .await
+        .map_err(lease_error("reading the Lease failed"))?;
     let now = Timestamp::now();
-    let existing = api.get_opt(&settings.name).await.map_err(lease_error)?;
     let decision = claim(
         existing.as_ref().and_then(|l| l.spec.as_ref()),
         &settings.identity,
-        now,
+        sighting,
+        Instant::now(),
     );
     let Some(mut lease) = existing else {
         let lease = Lease {
@@ -134,10 +213,10 @@ async fn try_lead(api: &Api<Lease>, settings: &LeaseSettings) -> Result<bool> {
             },
             spec: Some(held_spec(settings, now, None)),
         };
-        return match api.create(&PostParams::default(), &lease).await {
+        return match bounded(settings, api.create(&PostParams::default(), &lease)).await {
             Ok(_) => Ok(true),
             Err(kube::Error::Api(status)) if status.code == 409 => Ok(false),
-            Err(error) => Err(lease_error(error)),
+            Err(error) => Err(lease_error("creating the Lease failed")(error)),
         };
     };
     let spec = match decision {
@@ -150,13 +229,11 @@ async fn try_lead(api: &Api<Lease>, settings: &LeaseSettings) -> Result<bool> {
         Claim::Acquire => held_spec(settings, now, lease.spec.as_ref()),
     };
     lease.spec = Some(spec);
-    match api
-        .replace(&settings.name, &PostParams::default(), &lease)
-        .await
-    {
+    let params = PostParams::default();
+    match bounded(settings, api.replace(&settings.name, &params, &lease)).await {
         Ok(_) => Ok(true),
         Err(kube::Error::Api(status)) if status.code == 409 => Ok(false),
-        Err(error) => Err(lease_error(error)),
+        Err(error) => Err(lease_error("writing the Lease failed")(error)),
     }
 }
 
@@ -202,8 +279,11 @@ async fn release(api: &Api<Lease>, settings: &LeaseSettings) {
     }
 }
 
-fn lease_error(error: kube::Error) -> Error {
-    Error::Lease(error.to_string())
+fn lease_error(reason: &'static str) -> impl Fn(kube::Error) -> Error {
+    move |error| Error::Lease {
+        reason,
+        source: Some(error),
+    }
 }
 
 #[cfg(test)]
@@ -225,37 +305,61 @@ mod tests {
 
     #[test]
     fn missing_or_free_lease_is_acquired() {
-        assert_eq!(claim(None, "a", at(100)), Claim::Acquire);
+        let now = Instant::now();
+        assert_eq!(claim(None, "a", &mut None, now), Claim::Acquire);
         assert_eq!(
-            claim(Some(&spec(None, 99, 15)), "a", at(100)),
+            claim(Some(&spec(None, 99, 15)), "a", &mut None, now),
             Claim::Acquire
         );
         assert_eq!(
-            claim(Some(&spec(Some(""), 99, 15)), "a", at(100)),
+            claim(Some(&spec(Some(""), 99, 15)), "a", &mut None, now),
             Claim::Acquire
         );
     }
 
     #[test]
     fn own_lease_is_renewed() {
+        let held = spec(Some("a"), 0, 15);
         assert_eq!(
-            claim(Some(&spec(Some("a"), 0, 15)), "a", at(100)),
+            claim(Some(&held), "a", &mut None, Instant::now()),
             Claim::Renew
         );
     }
 
     #[test]
-    fn foreign_lease_is_respected_until_it_expires() {
-        let held = spec(Some("b"), 100, 15);
+    fn foreign_lease_expires_by_the_followers_own_clock() {
+        // The leader's renewTime is years in the past (its clock is off): irrelevant, only
+        // how long the record stayed unchanged as seen here counts.
+        let start = Instant::now();
+        let mut last = None;
+        let held = spec(Some("b"), 0, 15);
+        let held_by_b = Claim::HeldBy("b".to_owned());
+        assert_eq!(claim(Some(&held), "a", &mut last, start), held_by_b);
+        let at = |s: u64| start + Duration::from_secs(s);
+        assert_eq!(claim(Some(&held), "a", &mut last, at(15)), held_by_b);
+        let renewed = spec(Some("b"), 1, 15);
         assert_eq!(
-            claim(Some(&held), "a", at(110)),
-            Claim::HeldBy("b".to_owned())
+            claim(Some(&renewed), "a", &mut last, at(14)),
+            held_by_b,
+            "a renewal restarts the count"
         );
+        assert_eq!(claim(Some(&renewed), "a", &mut last, at(29)), held_by_b);
         assert_eq!(
-            claim(Some(&held), "a", at(115)),
-            Claim::HeldBy("b".to_owned())
+            claim(Some(&renewed), "a", &mut last, at(30)),
+            Claim::Acquire
         );
-        assert_eq!(claim(Some(&held), "a", at(116)), Claim::Acquire);
+    }
+
+    #[test]
+    fn deadlines_leave_room_before_a_takeover() {
+        let settings = LeaseSettings {
+            name: "l".to_owned(),
+            identity: "a".to_owned(),
+            duration: Duration::from_secs(15),
+        };
+        assert_eq!(settings.retry_period(), Duration::from_secs(3));
+        assert_eq!(settings.renew_deadline(), Duration::from_secs(10));
+        assert!(settings.renew_deadline() < settings.duration);
     }
 
     #[test]
@@ -320,7 +424,8 @@ mod tests {
                     ),
                     _ => (write, call.body.clone()),
                 });
-            let result = try_lead(&Api::namespaced(client, "ops"), &settings()).await;
+            let api = Api::namespaced(client, "ops");
+            let result = try_lead(&api, &settings(), &mut None).await;
             (result, fake_api::take(&calls))
         }
 
@@ -344,8 +449,20 @@ mod tests {
 
         #[tokio::test]
         async fn takes_over_an_expired_lease_with_optimistic_locking() {
-            let expired = Timestamp::now() - SignedDuration::from_secs(60);
-            let (result, calls) = round(Some(lease("b", expired, 1)), StatusCode::OK).await;
+            let expired = Timestamp::now() - k8s_openapi::jiff::SignedDuration::from_secs(60);
+            let (client, calls) = fake_api::client(move |call| match call.method.as_str() {
+                "GET" => (StatusCode::OK, lease("b", expired, 1)),
+                _ => (StatusCode::OK, call.body.clone()),
+            });
+            let api = Api::namespaced(client, "ops");
+            // First sight of b's record: follow. Unchanged for a whole duration: take over.
+            let mut sighting = None;
+            assert!(!try_lead(&api, &settings(), &mut sighting).await.unwrap());
+            if let Some(seen) = sighting.as_mut() {
+                seen.seen_at -= Duration::from_secs(16);
+            }
+            let result = try_lead(&api, &settings(), &mut sighting).await;
+            let calls: Vec<Call> = fake_api::take(&calls).into_iter().skip(1).collect();
             assert!(result.unwrap());
             let replace = &calls[1];
             assert_eq!(
@@ -371,9 +488,32 @@ mod tests {
 
         #[tokio::test]
         async fn losing_the_race_is_following() {
-            let expired = Timestamp::now() - SignedDuration::from_secs(60);
-            let (result, _) = round(Some(lease("b", expired, 1)), StatusCode::CONFLICT).await;
+            let (result, _) = round(None, StatusCode::CONFLICT).await;
             assert!(!result.unwrap());
+        }
+
+        #[tokio::test]
+        async fn an_api_server_that_never_answers_is_a_bounded_failure() {
+            let (service, _handle) = tower_test::mock::pair::<
+                http::Request<kube::client::Body>,
+                http::Response<kube::client::Body>,
+            >();
+            let api = Api::namespaced(kube::Client::new(service, "ops"), "ops");
+            let settings = LeaseSettings {
+                duration: Duration::from_millis(500),
+                ..settings()
+            };
+            let started = Instant::now();
+            let error = try_lead(&api, &settings, &mut None).await.unwrap_err();
+            assert!(
+                started.elapsed() < Duration::from_secs(2),
+                "bounded by the retry period"
+            );
+            assert_eq!(error.metric_label(), "lease");
+            assert!(
+                std::error::Error::source(&error).is_some(),
+                "the cause is kept"
+            );
         }
     }
 }

@@ -2,8 +2,8 @@
 //!
 //! [`crd`] defines the resource, [`build`] turns a spec into child objects (pure),
 //! [`controller`] applies them and reports status, [`autoscale`] sizes the workers from the
-//! Redis persistence lag, [`leader`] keeps two replicas from acting at once, and [`server`]
-//! serves health and metrics.
+//! Redis persistence lag, [`leader`] keeps two replicas from acting at once, [`server`]
+//! serves health and metrics, and [`quantity`] reads storage sizes.
 
 pub mod autoscale;
 pub mod build;
@@ -15,6 +15,7 @@ pub mod error;
 mod fake_api;
 pub mod leader;
 pub mod metrics;
+pub mod quantity;
 pub mod server;
 pub mod status;
 

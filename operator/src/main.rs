@@ -1,5 +1,8 @@
 //! `chatcluster-operator`: parses its flags, then runs the admin server, leader election and
-//! the controller until SIGTERM/ctrl-c or loss of leadership.
+//! the controller until SIGTERM/ctrl-c or loss of leadership. On SIGTERM the controller
+//! finishes its reconciles first, then the Lease is released.
+
+use std::time::Duration;
 
 use anyhow::Context as _;
 use chatcluster_operator::config::Args;
@@ -48,9 +51,11 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("binding the admin server to {}", args.admin_addr))?;
     tokio::spawn(server::serve(listener, admin.clone(), stopped()));
 
-    let client = Client::try_default()
+    let mut config = kube::Config::infer()
         .await
-        .context("connecting to the Kubernetes API")?;
+        .context("reading the Kubernetes client configuration")?;
+    config.connect_timeout = Some(Duration::from_secs(10));
+    let client = Client::try_from(config).context("connecting to the Kubernetes API")?;
     client
         .apiserver_version()
         .await
@@ -58,21 +63,22 @@ async fn main() -> anyhow::Result<()> {
     admin.set_ready();
 
     let (leading_tx, mut leading_rx) = watch::channel(!args.leader_election);
+    // Completes once the controller has stopped and its reconciles have finished: only then
+    // may the Lease be released.
+    let (controller_done_tx, controller_done_rx) = tokio::sync::oneshot::channel::<()>();
     // Without leader election the sender just stays alive (and `true`) until the end.
     let (election, _always_leading) = if args.leader_election {
-        let api: Api<Lease> = Api::namespaced(client.clone(), &args.lease_namespace);
+        let api: Api<Lease> = Api::namespaced(client.clone(), &args.operator_namespace);
         let settings = LeaseSettings {
             name: args.lease_name.clone(),
             identity: args.identity.clone(),
             duration: args.lease_duration(),
         };
+        let done = async {
+            let _ = controller_done_rx.await;
+        };
         (
-            Some(tokio::spawn(leader::hold(
-                api,
-                settings,
-                leading_tx,
-                stopped(),
-            ))),
+            Some(tokio::spawn(leader::hold(api, settings, leading_tx, done))),
             None,
         )
     } else {
@@ -91,6 +97,7 @@ async fn main() -> anyhow::Result<()> {
         resync: args.resync(),
         namespace: args.watch_namespace.clone().filter(|ns| !ns.is_empty()),
         concurrency: args.concurrency,
+        operator_namespace: args.operator_namespace.clone(),
     };
     let reporter = Reporter {
         controller: "chatcluster-operator".to_owned(),
@@ -108,6 +115,7 @@ async fn main() -> anyhow::Result<()> {
     };
     controller::run(client, settings, metrics.clone(), reporter, stop_or_lost).await;
     metrics.leader.set(0);
+    let _ = controller_done_tx.send(());
     if let Some(election) = election {
         let result = election.await.context("leader election task panicked")?;
         result.context("lost leadership")?;

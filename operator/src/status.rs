@@ -17,6 +17,23 @@ pub const READY: &str = "Ready";
 pub const PROGRESSING: &str = "Progressing";
 /// Condition type: the operator cannot bring the cluster to its spec.
 pub const DEGRADED: &str = "Degraded";
+/// Condition type: the worker autoscaler can read the persistence lag.
+pub const SCALING_ACTIVE: &str = "ScalingActive";
+/// Start of the `ScalingActive=False` message; the read error follows.
+const LAG_UNAVAILABLE_PREFIX: &str =
+    "keeping the worker count: the persistence lag cannot be read: ";
+
+/// The lag read error a status reports, if it reports one.
+pub fn lag_error(status: &ChatClusterStatus) -> Option<String> {
+    let condition = find(status, SCALING_ACTIVE).filter(|c| c.status == "False")?;
+    let message = &condition.message;
+    Some(
+        message
+            .strip_prefix(LAG_UNAVAILABLE_PREFIX)
+            .unwrap_or(message)
+            .to_owned(),
+    )
+}
 
 /// What the status is computed from, besides the observed workloads.
 #[derive(Clone, Debug)]
@@ -33,6 +50,8 @@ pub struct Inputs {
     pub selector: String,
     /// The reconcile failure to report, as `(reason, message)`.
     pub failure: Option<(String, String)>,
+    /// Why the persistence lag could not be read, when it could not.
+    pub lag_error: Option<String>,
 }
 
 /// The workloads as last observed (absent until created).
@@ -150,9 +169,8 @@ pub fn compute(
         }
     };
 
-    let ready = if let Some((reason, message)) = &inputs.failure {
-        condition(READY, false, reason, message.clone())
-    } else if not_ready.is_empty() {
+    // Ready follows the workloads alone: a failed API call does not stop pods from serving.
+    let ready = if not_ready.is_empty() {
         condition(
             READY,
             true,
@@ -190,9 +208,24 @@ pub fn compute(
         condition(DEGRADED, false, "AsExpected", "no failures".to_owned())
     };
 
+    let scaling = match &inputs.lag_error {
+        None => condition(
+            SCALING_ACTIVE,
+            true,
+            "LagRead",
+            "the worker count follows the persistence lag".to_owned(),
+        ),
+        Some(error) => condition(
+            SCALING_ACTIVE,
+            false,
+            "LagUnavailable",
+            format!("{LAG_UNAVAILABLE_PREFIX}{error}"),
+        ),
+    };
+
     ChatClusterStatus {
         observed_generation: inputs.generation,
-        conditions: vec![ready, progressing, degraded],
+        conditions: vec![ready, progressing, degraded, scaling],
         gateway: GatewayStatus {
             replicas: gateway.replicas,
             ready_replicas: gateway.ready,
@@ -262,6 +295,7 @@ mod tests {
             lag: Some(42),
             selector: "a=b".to_owned(),
             failure: None,
+            lag_error: None,
         }
     }
 
@@ -358,21 +392,52 @@ mod tests {
     }
 
     #[test]
-    fn failures_degrade_and_unready() {
+    fn failures_degrade_but_readiness_follows_the_workloads() {
         let mut inputs = inputs();
         inputs.failure = Some((
-            "SecretNotFound".to_owned(),
-            "Secret x has no key y".to_owned(),
+            "ReconcileFailed".to_owned(),
+            "Kubernetes API call failed: etcd timeout".to_owned(),
         ));
-        let status = compute(None, &inputs, Observed::default(), &time(10));
+        let (g, w) = (deployment(2, 2), deployment(1, 1));
+        let serving = Observed {
+            gateway: Some(&g),
+            worker: Some(&w),
+            datastores: &[],
+        };
+        let status = compute(None, &inputs, serving, &time(10));
         assert_eq!(
             status_of(&status, DEGRADED),
-            ("True".into(), "SecretNotFound".into())
+            ("True".into(), "ReconcileFailed".into())
         );
         assert_eq!(
             status_of(&status, READY),
-            ("False".into(), "SecretNotFound".into())
+            ("True".into(), "AllComponentsReady".into()),
+            "a transient API error does not make serving pods unready"
         );
+        let status = compute(None, &inputs, Observed::default(), &time(10));
+        assert_eq!(status_of(&status, READY).1, "ComponentsNotReady");
+    }
+
+    #[test]
+    fn unreadable_lag_is_said_once_in_scaling_active() {
+        let mut inputs = inputs();
+        assert_eq!(
+            status_of(
+                &compute(None, &inputs, Observed::default(), &time(10)),
+                SCALING_ACTIVE
+            ),
+            ("True".into(), "LagRead".into())
+        );
+        inputs.lag_error = Some("connection refused".to_owned());
+        let first = compute(None, &inputs, Observed::default(), &time(10));
+        let condition = find(&first, SCALING_ACTIVE).unwrap();
+        assert_eq!(
+            (condition.status.as_str(), condition.reason.as_str()),
+            ("False", "LagUnavailable")
+        );
+        assert!(condition.message.ends_with("connection refused"));
+        let again = compute(Some(&first), &inputs, Observed::default(), &time(20));
+        assert_eq!(first, again, "a lasting outage does not rewrite the status");
     }
 
     #[test]

@@ -20,18 +20,27 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::{
     BuildContext, Component, DATABASE_URL_KEY, PASSWORD_KEY, POSTGRES_PORT, POSTGRES_USER,
-    REDIS_PORT, hardened_container, names, plain_env, pod_security, resources_or,
+    REDIS_PORT, hardened_container, names, placed, plain_env, pod_security, resources_or,
 };
-use crate::crd::{ManagedDatastore, PvcRetention, SecretKeyRef};
+use crate::crd::{ManagedDatastore, ManagedRedis, PvcRetention, SecretKeyRef};
 
 /// Name of the data volume claim template.
-const DATA_VOLUME: &str = "data";
+pub const DATA_VOLUME: &str = "data";
+/// Data volume size of a managed Redis without `storage`.
+const REDIS_DEFAULT_STORAGE: &str = "1Gi";
+/// Data volume size of a managed PostgreSQL without `storage`.
+const POSTGRES_DEFAULT_STORAGE: &str = "5Gi";
+/// Period of the data stores' startup probes.
+const STARTUP_PERIOD_SECONDS: i32 = 5;
+/// Longest Redis start (loading its append-only file).
+const REDIS_STARTUP_SECONDS: i32 = 300;
+/// Longest PostgreSQL start (`initdb` on a slow volume, crash recovery).
+const POSTGRES_STARTUP_SECONDS: i32 = 600;
 
 /// What distinguishes one managed store from the other.
 struct Store {
     component: Component,
     default_image: &'static str,
-    default_storage: &'static str,
     /// UID/GID the image's server runs as.
     uid: i64,
     port: i32,
@@ -41,16 +50,18 @@ struct Store {
     args: Vec<String>,
     env: Vec<EnvVar>,
     readiness: Vec<String>,
+    /// Longest first start (an `initdb`, a large AOF to load) before liveness checks begin.
+    startup_seconds: i32,
 }
 
-/// The managed Redis: AOF persistence on the data volume.
-pub(super) fn redis_statefulset(ctx: &BuildContext<'_>, managed: &ManagedDatastore) -> StatefulSet {
+/// The managed Redis: AOF persistence on the data volume, flushed as `appendFsync` says.
+pub(super) fn redis_statefulset(ctx: &BuildContext<'_>, managed: &ManagedRedis) -> StatefulSet {
     let args = [
         "redis-server",
         "--appendonly",
         "yes",
         "--appendfsync",
-        "everysec",
+        managed.append_fsync.as_arg(),
         "--dir",
         "/data",
         "--protected-mode",
@@ -58,11 +69,11 @@ pub(super) fn redis_statefulset(ctx: &BuildContext<'_>, managed: &ManagedDatasto
     ];
     statefulset(
         ctx,
-        managed,
+        &managed.store,
         Store {
             component: Component::Redis,
             default_image: "redis:7.4-alpine",
-            default_storage: "1Gi",
+
             uid: 999,
             port: REDIS_PORT,
             data_path: "/data",
@@ -70,6 +81,7 @@ pub(super) fn redis_statefulset(ctx: &BuildContext<'_>, managed: &ManagedDatasto
             args: args.map(str::to_owned).to_vec(),
             env: Vec::new(),
             readiness: ["redis-cli", "ping"].map(str::to_owned).to_vec(),
+            startup_seconds: REDIS_STARTUP_SECONDS,
         },
     )
 }
@@ -80,7 +92,7 @@ pub(super) fn postgres_statefulset(
     managed: &ManagedDatastore,
 ) -> StatefulSet {
     let password = SecretKeyRef {
-        name: names::postgres(&ctx.name),
+        name: Component::Postgres.object_name(&ctx.name),
         key: PASSWORD_KEY.to_owned(),
     };
     statefulset(
@@ -89,7 +101,7 @@ pub(super) fn postgres_statefulset(
         Store {
             component: Component::Postgres,
             default_image: "postgres:17-alpine",
-            default_storage: "5Gi",
+
             uid: 70,
             port: POSTGRES_PORT,
             data_path: "/var/lib/postgresql/data",
@@ -112,6 +124,7 @@ pub(super) fn postgres_statefulset(
             ]
             .map(str::to_owned)
             .to_vec(),
+            startup_seconds: POSTGRES_STARTUP_SECONDS,
         },
     )
 }
@@ -137,7 +150,7 @@ pub(super) fn service(ctx: &BuildContext<'_>, component: Component, port: i32) -
 
 /// The generated credentials of the managed PostgreSQL, with the full `DATABASE_URL`.
 pub(super) fn postgres_secret(ctx: &BuildContext<'_>, password: &str) -> Secret {
-    let name = names::postgres(&ctx.name);
+    let name = Component::Postgres.object_name(&ctx.name);
     let url = format!(
         "postgres://{POSTGRES_USER}:{password}@{name}.{}.svc:{POSTGRES_PORT}/{POSTGRES_USER}",
         ctx.namespace
@@ -153,13 +166,27 @@ pub(super) fn postgres_secret(ctx: &BuildContext<'_>, password: &str) -> Secret 
     )
 }
 
+/// Size of a managed store's data volume: the spec's, or the store's default.
+pub fn storage_request(component: Component, managed: &ManagedDatastore) -> Quantity {
+    let default = match component {
+        Component::Redis => REDIS_DEFAULT_STORAGE,
+        _ => POSTGRES_DEFAULT_STORAGE,
+    };
+    managed
+        .storage
+        .clone()
+        .unwrap_or_else(|| Quantity(default.to_owned()))
+}
+
+/// Name of the data volume claim the StatefulSet controller makes for pod 0 of `component`.
+pub fn data_claim_name(component: Component, cluster: &str) -> String {
+    format!("{DATA_VOLUME}-{}-0", component.object_name(cluster))
+}
+
 fn statefulset(ctx: &BuildContext<'_>, managed: &ManagedDatastore, store: Store) -> StatefulSet {
     let name = store.component.object_name(&ctx.name);
     let image = managed.image.as_deref().unwrap_or(store.default_image);
-    let storage = managed
-        .storage
-        .clone()
-        .unwrap_or_else(|| Quantity(store.default_storage.to_owned()));
+    let storage = storage_request(store.component, managed);
     let retention = match managed.pvc_retention {
         PvcRetention::Retain => "Retain",
         PvcRetention::Delete => "Delete",
@@ -192,6 +219,15 @@ fn statefulset(ctx: &BuildContext<'_>, managed: &ManagedDatastore, store: Store)
             protocol: Some("TCP".to_owned()),
             ..ContainerPort::default()
         }]),
+        startup_probe: Some(Probe {
+            exec: Some(ExecAction {
+                command: Some(store.readiness.clone()),
+            }),
+            period_seconds: Some(STARTUP_PERIOD_SECONDS),
+            timeout_seconds: Some(3),
+            failure_threshold: Some(store.startup_seconds / STARTUP_PERIOD_SECONDS),
+            ..Probe::default()
+        }),
         readiness_probe: Some(Probe {
             exec: Some(ExecAction {
                 command: Some(store.readiness),
@@ -205,7 +241,6 @@ fn statefulset(ctx: &BuildContext<'_>, managed: &ManagedDatastore, store: Store)
                 port: IntOrString::Int(store.port),
                 host: None,
             }),
-            initial_delay_seconds: Some(10),
             period_seconds: Some(10),
             ..Probe::default()
         }),
@@ -235,14 +270,17 @@ fn statefulset(ctx: &BuildContext<'_>, managed: &ManagedDatastore, store: Store)
                     labels: Some(ctx.pod_labels(store.component)),
                     ..ObjectMeta::default()
                 }),
-                spec: Some(PodSpec {
-                    service_account_name: Some(names::service_account(&ctx.name)),
-                    automount_service_account_token: Some(false),
-                    security_context: Some(pod_security(store.uid, store.uid)),
-                    containers: vec![container],
-                    volumes: (!volumes.is_empty()).then_some(volumes),
-                    ..PodSpec::default()
-                }),
+                spec: Some(placed(
+                    PodSpec {
+                        service_account_name: Some(names::service_account(&ctx.name)),
+                        automount_service_account_token: Some(false),
+                        security_context: Some(pod_security(store.uid, store.uid)),
+                        containers: vec![container],
+                        volumes: (!volumes.is_empty()).then_some(volumes),
+                        ..PodSpec::default()
+                    },
+                    &managed.placement,
+                )),
             },
             volume_claim_templates: Some(vec![PersistentVolumeClaim {
                 metadata: ObjectMeta {
@@ -287,6 +325,10 @@ mod tests {
             args.contains("--appendonly yes") && args.contains("--dir /data"),
             "{args}"
         );
+        assert!(
+            args.contains("--appendfsync always"),
+            "acknowledged publishes survive a crash by default: {args}"
+        );
         assert_eq!(container.image.as_deref(), Some("redis:7.4-alpine"));
         let claim = &spec.volume_claim_templates.as_ref().unwrap()[0];
         let requests = claim
@@ -303,6 +345,66 @@ mod tests {
             container.volume_mounts.as_ref().unwrap()[0].mount_path,
             "/data"
         );
+    }
+
+    #[test]
+    fn append_fsync_follows_the_spec() {
+        let spec = serde_json::json!({"redis": {"managed": {"appendFsync": "everysec"}}});
+        let redis = &statefulsets(spec)[0];
+        let container = &redis
+            .spec
+            .as_ref()
+            .unwrap()
+            .template
+            .spec
+            .as_ref()
+            .unwrap()
+            .containers[0];
+        let args = container.args.as_ref().unwrap().join(" ");
+        assert!(args.contains("--appendfsync everysec"), "{args}");
+    }
+
+    #[test]
+    fn stores_get_a_startup_probe_for_slow_first_starts() {
+        let postgres = &statefulsets(serde_json::json!({}))[1];
+        let container = &postgres
+            .spec
+            .as_ref()
+            .unwrap()
+            .template
+            .spec
+            .as_ref()
+            .unwrap()
+            .containers[0];
+        let startup = container.startup_probe.as_ref().unwrap();
+        assert_eq!(
+            startup.exec.as_ref().unwrap().command.as_ref().unwrap()[0],
+            "pg_isready"
+        );
+        assert_eq!(
+            startup.period_seconds.unwrap() * startup.failure_threshold.unwrap(),
+            600,
+            "ten minutes for initdb"
+        );
+        assert!(
+            container
+                .liveness_probe
+                .as_ref()
+                .unwrap()
+                .initial_delay_seconds
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn claim_names_and_default_sizes() {
+        assert_eq!(
+            data_claim_name(Component::Postgres, "demo"),
+            "data-demo-postgres-0"
+        );
+        let default = ManagedDatastore::default();
+        assert_eq!(storage_request(Component::Redis, &default).0, "1Gi");
+        assert_eq!(storage_request(Component::Postgres, &default).0, "5Gi");
     }
 
     #[test]

@@ -11,8 +11,9 @@ use k8s_openapi::api::apps::v1::{
     Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
 };
 use k8s_openapi::api::core::v1::{
-    ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, PodSpec,
-    PodTemplateSpec, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+    ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, Lifecycle,
+    LifecycleHandler, PodSpec, PodTemplateSpec, Service, ServicePort, ServiceSpec, SleepAction,
+    Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -20,7 +21,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use super::haproxy::{self, CONFIG_DIR, LIVENESS_PATH, READINESS_PATH};
 use super::{
     APP_UID, BuildContext, CONFIG_HASH_ANNOTATION, Component, GATEWAY_ADMIN_PORT, HAPROXY_PORT,
-    HAPROXY_STATS_PORT, SOCKET_DIR, SOCKET_VOLUME, hardened_container, http_probe, names,
+    HAPROXY_STATS_PORT, SOCKET_DIR, SOCKET_VOLUME, hardened_container, http_probe, names, placed,
     plain_env, pod_name_env, pod_security, resources_or, secret_env, with_admin_endpoint,
 };
 use crate::crd::{AuthMode, SecretKeyRef, ServiceType};
@@ -31,6 +32,9 @@ const CONFIG_VOLUME: &str = "haproxy-config";
 const HAPROXY_RUN_VOLUME: &str = "haproxy-run";
 /// Extra grace beyond the gateways' drain timeout before the kubelet kills the pod.
 const GRACE_MARGIN_SECONDS: i32 = 15;
+/// HAProxy's preStop pause: long enough for kube-proxy and ingress controllers to drop the pod
+/// from the Service endpoints before HAProxy stops accepting.
+pub const PRE_STOP_DELAY_SECONDS: i32 = 5;
 
 /// The gateway Deployment. `config_hash` is the hash of `haproxy.cfg`; a change rolls the pods.
 pub(super) fn deployment(ctx: &BuildContext<'_>, config_hash: &str) -> Deployment {
@@ -48,8 +52,24 @@ pub(super) fn deployment(ctx: &BuildContext<'_>, config_hash: &str) -> Deploymen
         ),
         ("prometheus.io/path".to_owned(), "/metrics".to_owned()),
     ]);
+    let mut volumes = vec![
+        empty_dir(SOCKET_VOLUME),
+        empty_dir(HAPROXY_RUN_VOLUME),
+        Volume {
+            name: CONFIG_VOLUME.to_owned(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: names::haproxy_config(&ctx.name),
+                ..ConfigMapVolumeSource::default()
+            }),
+            ..Volume::default()
+        },
+    ];
+    volumes.extend(ctx.ca_volume().into_iter().flatten());
     Deployment {
-        metadata: ctx.meta(names::gateway(&ctx.name), Component::Gateway),
+        metadata: ctx.meta(
+            Component::Gateway.object_name(&ctx.name),
+            Component::Gateway,
+        ),
         spec: Some(DeploymentSpec {
             replicas: Some(spec.replicas),
             selector: ctx.selector(Component::Gateway),
@@ -66,28 +86,22 @@ pub(super) fn deployment(ctx: &BuildContext<'_>, config_hash: &str) -> Deploymen
                     annotations: Some(annotations),
                     ..ObjectMeta::default()
                 }),
-                spec: Some(PodSpec {
-                    service_account_name: Some(names::service_account(&ctx.name)),
-                    automount_service_account_token: Some(false),
-                    security_context: Some(pod_security(APP_UID, APP_UID)),
-                    termination_grace_period_seconds: Some(i64::from(
-                        spec.drain_timeout_seconds + GRACE_MARGIN_SECONDS,
-                    )),
-                    containers,
-                    volumes: Some(vec![
-                        empty_dir(SOCKET_VOLUME),
-                        empty_dir(HAPROXY_RUN_VOLUME),
-                        Volume {
-                            name: CONFIG_VOLUME.to_owned(),
-                            config_map: Some(ConfigMapVolumeSource {
-                                name: names::haproxy_config(&ctx.name),
-                                ..ConfigMapVolumeSource::default()
-                            }),
-                            ..Volume::default()
-                        },
-                    ]),
-                    ..PodSpec::default()
-                }),
+                spec: Some(placed(
+                    PodSpec {
+                        service_account_name: Some(names::service_account(&ctx.name)),
+                        automount_service_account_token: Some(false),
+                        security_context: Some(pod_security(APP_UID, APP_UID)),
+                        termination_grace_period_seconds: Some(i64::from(
+                            spec.drain_timeout_seconds
+                                + PRE_STOP_DELAY_SECONDS
+                                + GRACE_MARGIN_SECONDS,
+                        )),
+                        containers,
+                        volumes: Some(volumes),
+                        ..PodSpec::default()
+                    },
+                    &spec.placement,
+                )),
             },
             ..DeploymentSpec::default()
         }),
@@ -95,7 +109,7 @@ pub(super) fn deployment(ctx: &BuildContext<'_>, config_hash: &str) -> Deploymen
     }
 }
 
-/// The gateway Service: clients' WebSocket port and HAProxy's metrics port.
+/// The gateway Service clients connect to: the WebSocket port only.
 pub(super) fn service(ctx: &BuildContext<'_>) -> Service {
     let spec = &ctx.cluster.spec.gateway.service;
     let type_ = match spec.type_ {
@@ -103,31 +117,60 @@ pub(super) fn service(ctx: &BuildContext<'_>) -> Service {
         ServiceType::NodePort => "NodePort",
         ServiceType::LoadBalancer => "LoadBalancer",
     };
+    let http = service_port("http", spec.port, IntOrString::String("http".to_owned()));
+    gateway_service(
+        ctx,
+        Component::Gateway.object_name(&ctx.name),
+        type_,
+        vec![http],
+    )
+}
+
+/// The in-cluster Service of the gateway pods' metrics: HAProxy's stats page and exporter
+/// (unauthenticated, so never on the client Service) and every gateway process's admin port.
+pub(super) fn metrics_service(ctx: &BuildContext<'_>) -> Service {
+    let metrics = IntOrString::String("metrics".to_owned());
+    let mut ports = vec![service_port("metrics", HAPROXY_STATS_PORT, metrics)];
+    ports.extend(
+        (0..ctx.cluster.spec.gateway.processes_per_pod).map(|index| {
+            let port = GATEWAY_ADMIN_PORT + index;
+            service_port(&admin_port_name(index), port, IntOrString::Int(port))
+        }),
+    );
+    gateway_service(ctx, names::gateway_metrics(&ctx.name), "ClusterIP", ports)
+}
+
+fn gateway_service(
+    ctx: &BuildContext<'_>,
+    name: String,
+    type_: &str,
+    ports: Vec<ServicePort>,
+) -> Service {
     Service {
-        metadata: ctx.meta(names::gateway(&ctx.name), Component::Gateway),
+        metadata: ctx.meta(name, Component::Gateway),
         spec: Some(ServiceSpec {
             type_: Some(type_.to_owned()),
             selector: Some(ctx.pod_labels(Component::Gateway)),
-            ports: Some(vec![
-                ServicePort {
-                    name: Some("http".to_owned()),
-                    port: spec.port,
-                    target_port: Some(IntOrString::String("http".to_owned())),
-                    protocol: Some("TCP".to_owned()),
-                    ..ServicePort::default()
-                },
-                ServicePort {
-                    name: Some("metrics".to_owned()),
-                    port: HAPROXY_STATS_PORT,
-                    target_port: Some(IntOrString::String("metrics".to_owned())),
-                    protocol: Some("TCP".to_owned()),
-                    ..ServicePort::default()
-                },
-            ]),
+            ports: Some(ports),
             ..ServiceSpec::default()
         }),
         ..Service::default()
     }
+}
+
+fn service_port(name: &str, port: i32, target: IntOrString) -> ServicePort {
+    ServicePort {
+        name: Some(name.to_owned()),
+        port,
+        target_port: Some(target),
+        protocol: Some("TCP".to_owned()),
+        ..ServicePort::default()
+    }
+}
+
+/// Name of gateway process `index`'s admin port.
+fn admin_port_name(index: i32) -> String {
+    format!("admin-{index}")
 }
 
 fn gateway_container(ctx: &BuildContext<'_>, index: i32) -> Container {
@@ -147,6 +190,7 @@ fn gateway_container(ctx: &BuildContext<'_>, index: i32) -> Container {
         plain_env("DRAIN_TIMEOUT", format!("{}s", spec.drain_timeout_seconds)),
         plain_env("LOG_FORMAT", "json"),
     ];
+    env.extend(ctx.ca_env());
     if cluster.auth.mode == AuthMode::Jwt {
         let generated = SecretKeyRef {
             name: names::auth(&ctx.name),
@@ -168,10 +212,14 @@ fn gateway_container(ctx: &BuildContext<'_>, index: i32) -> Container {
             "128Mi",
             "512Mi",
         )),
-        volume_mounts: Some(vec![mount(SOCKET_VOLUME, SOCKET_DIR)]),
+        volume_mounts: Some(
+            std::iter::once(mount(SOCKET_VOLUME, SOCKET_DIR))
+                .chain(ctx.ca_mount().into_iter().flatten())
+                .collect(),
+        ),
         ..hardened_container(ctx, &format!("gateway-{index}"), &spec.image)
     };
-    with_admin_endpoint(container, &format!("admin-{index}"), admin_port)
+    with_admin_endpoint(container, &admin_port_name(index), admin_port)
 }
 
 fn haproxy_container(ctx: &BuildContext<'_>) -> Container {
@@ -190,6 +238,16 @@ fn haproxy_container(ctx: &BuildContext<'_>) -> Container {
         ]),
         readiness_probe: Some(http_probe(READINESS_PATH, metrics.clone(), 5)),
         liveness_probe: Some(http_probe(LIVENESS_PATH, metrics, 10)),
+        // Keep serving while the endpoint controllers take the pod out of the Services.
+        lifecycle: Some(Lifecycle {
+            pre_stop: Some(LifecycleHandler {
+                sleep: Some(SleepAction {
+                    seconds: i64::from(PRE_STOP_DELAY_SECONDS),
+                }),
+                ..LifecycleHandler::default()
+            }),
+            ..Lifecycle::default()
+        }),
         resources: Some(resources_or(
             spec.resources.as_ref(),
             "50m",
@@ -335,9 +393,51 @@ mod tests {
     }
 
     #[test]
+    fn metrics_stay_on_a_cluster_internal_service() {
+        let spec = serde_json::json!({"gateway": {"processesPerPod": 2, "service": {"type": "LoadBalancer"}}});
+        let children = build(&cluster(spec), &inputs()).unwrap();
+        let metrics = &children.services[1];
+        assert_eq!(
+            metrics.metadata.name.as_deref(),
+            Some("demo-gateway-metrics")
+        );
+        let spec = metrics.spec.as_ref().unwrap();
+        assert_eq!(spec.type_.as_deref(), Some("ClusterIP"));
+        let ports: Vec<(Option<&str>, i32)> = spec
+            .ports
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|p| (p.name.as_deref(), p.port))
+            .collect();
+        assert_eq!(
+            ports,
+            [
+                (Some("metrics"), 8404),
+                (Some("admin-0"), 9100),
+                (Some("admin-1"), 9101)
+            ]
+        );
+    }
+
+    #[test]
+    fn haproxy_waits_before_stopping_so_endpoints_drop_first() {
+        let pod = pod(serde_json::json!({}));
+        let haproxy = pod.containers.last().unwrap();
+        let pre_stop = haproxy
+            .lifecycle
+            .as_ref()
+            .unwrap()
+            .pre_stop
+            .as_ref()
+            .unwrap();
+        assert_eq!(pre_stop.sleep.as_ref().unwrap().seconds, 5);
+    }
+
+    #[test]
     fn grace_period_exceeds_the_drain_timeout() {
         let pod = pod(serde_json::json!({"gateway": {"drainTimeoutSeconds": 30}}));
-        assert_eq!(pod.termination_grace_period_seconds, Some(45));
+        assert_eq!(pod.termination_grace_period_seconds, Some(50));
         assert_eq!(env(&pod.containers[0], "DRAIN_TIMEOUT"), "30s");
     }
 
@@ -401,7 +501,13 @@ mod tests {
         );
         let service = children.services[0].spec.as_ref().unwrap();
         assert_eq!(service.type_.as_deref(), Some("NodePort"));
-        assert_eq!(service.ports.as_ref().unwrap()[0].port, 8000);
+        let ports = service.ports.as_ref().unwrap();
+        assert_eq!(
+            ports.len(),
+            1,
+            "clients reach the WebSocket port only: {ports:?}"
+        );
+        assert_eq!(ports[0].port, 8000);
         assert_eq!(
             service.selector.as_ref().unwrap()["app.kubernetes.io/component"],
             "gateway"

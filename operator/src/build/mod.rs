@@ -5,7 +5,7 @@
 //! server-side-applies the result. Keeping this pure is what lets most tests run without an
 //! API server.
 
-mod datastore;
+pub mod datastore;
 mod gateway;
 pub mod haproxy;
 mod policy;
@@ -17,8 +17,9 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction,
-    ObjectFieldSelector, PodSecurityContext, Probe, ResourceRequirements, SeccompProfile, Secret,
-    SecretKeySelector, SecurityContext, Service, ServiceAccount,
+    KeyToPath, ObjectFieldSelector, PodSecurityContext, PodSpec, Probe, ProjectedVolumeSource,
+    ResourceRequirements, SeccompProfile, Secret, SecretKeySelector, SecretProjection,
+    SecurityContext, Service, ServiceAccount, Volume, VolumeMount, VolumeProjection,
 };
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
@@ -28,7 +29,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
 use sha2::{Digest, Sha256};
 
-use crate::crd::{AuthMode, ChatCluster, PullPolicy, SecretKeyRef};
+use crate::crd::{AuthMode, ChatCluster, Placement, PullPolicy, SecretKeyRef};
 use crate::error::{Error, Result};
 
 /// Label naming the application, on every child.
@@ -73,8 +74,17 @@ pub const REDIS_PORT: i32 = 6379;
 pub const POSTGRES_PORT: i32 = 5432;
 /// UID/GID our own images (gateway, worker) run as; also the gateway pod's `fsGroup`.
 pub const APP_UID: i64 = 10001;
+/// Where gateway and worker containers find the external stores' CA certificates.
+pub const CA_DIR: &str = "/etc/chatcluster/ca";
+/// File of the external Redis's CA in [`CA_DIR`].
+pub const REDIS_CA_FILE: &str = "redis-ca.crt";
+/// File of the external PostgreSQL's CA in [`CA_DIR`].
+pub const POSTGRES_CA_FILE: &str = "postgres-ca.crt";
+/// Name of the projected volume with the CA certificates.
+const CA_VOLUME: &str = "tls-ca";
 
-/// Names of the children of a `ChatCluster` called `cluster`.
+/// Names of the children of a `ChatCluster` called `cluster` that belong to no single
+/// component's workload; a component's own objects are named by [`Component::object_name`].
 pub mod names {
     /// ServiceAccount of every pod.
     pub fn service_account(cluster: &str) -> String {
@@ -84,21 +94,9 @@ pub mod names {
     pub fn haproxy_config(cluster: &str) -> String {
         format!("{cluster}-haproxy")
     }
-    /// Gateway Deployment, Service and PodDisruptionBudget.
-    pub fn gateway(cluster: &str) -> String {
-        format!("{cluster}-gateway")
-    }
-    /// Worker Deployment and PodDisruptionBudget.
-    pub fn worker(cluster: &str) -> String {
-        format!("{cluster}-worker")
-    }
-    /// Managed Redis StatefulSet, Service and NetworkPolicy.
-    pub fn redis(cluster: &str) -> String {
-        format!("{cluster}-redis")
-    }
-    /// Managed PostgreSQL StatefulSet, Service, NetworkPolicy and credentials Secret.
-    pub fn postgres(cluster: &str) -> String {
-        format!("{cluster}-postgres")
+    /// ClusterIP Service of the gateway pods' metrics and stats (never exposed to clients).
+    pub fn gateway_metrics(cluster: &str) -> String {
+        format!("{cluster}-gateway-metrics")
     }
     /// Generated auth Secret.
     pub fn auth(cluster: &str) -> String {
@@ -130,14 +128,11 @@ impl Component {
         }
     }
 
-    /// Name of the component's workload (and Service, where it has one).
+    /// Name of the component's workload and of its Service, PodDisruptionBudget and
+    /// NetworkPolicy where it has them (`<cluster>-<component>`); for PostgreSQL also the
+    /// credentials Secret.
     pub fn object_name(self, cluster: &str) -> String {
-        match self {
-            Self::Gateway => names::gateway(cluster),
-            Self::Worker => names::worker(cluster),
-            Self::Redis => names::redis(cluster),
-            Self::Postgres => names::postgres(cluster),
-        }
+        format!("{cluster}-{}", self.as_str())
     }
 }
 
@@ -151,6 +146,8 @@ pub struct BuildInputs {
     pub postgres_password: String,
     /// Generated JWT secret (used only with `auth.mode: jwt` and no `jwtSecretRef`).
     pub jwt_secret: String,
+    /// Namespace the operator runs in: the only one whose operator pods may reach Redis.
+    pub operator_namespace: String,
 }
 
 /// Every object a `ChatCluster` owns, in apply order (what others depend on comes first).
@@ -162,16 +159,16 @@ pub struct Children {
     pub secrets: Vec<Secret>,
     /// ConfigMap holding `haproxy.cfg`.
     pub haproxy_config: ConfigMap,
+    /// NetworkPolicies fencing the managed data stores (applied before the stores start).
+    pub network_policies: Vec<NetworkPolicy>,
     /// Managed Redis and PostgreSQL StatefulSets.
     pub statefulsets: Vec<StatefulSet>,
-    /// Gateway Service and the managed data stores' Services.
+    /// Gateway Services (clients; metrics) and the managed data stores' Services.
     pub services: Vec<Service>,
     /// Gateway and worker Deployments.
     pub deployments: Vec<Deployment>,
     /// PodDisruptionBudgets of the gateways and workers.
     pub disruption_budgets: Vec<PodDisruptionBudget>,
-    /// NetworkPolicies fencing the managed data stores.
-    pub network_policies: Vec<NetworkPolicy>,
 }
 
 /// Builds every child of `cluster`. Fails only when the object lacks a namespace or UID
@@ -189,7 +186,7 @@ pub fn build(cluster: &ChatCluster, inputs: &BuildInputs) -> Result<Children> {
     };
     let mut secrets = Vec::new();
     let mut statefulsets = Vec::new();
-    let mut services = vec![gateway::service(&ctx)];
+    let mut services = vec![gateway::service(&ctx), gateway::metrics_service(&ctx)];
     if let Some(managed) = &cluster.spec.redis.managed {
         statefulsets.push(datastore::redis_statefulset(&ctx, managed));
         services.push(datastore::service(&ctx, Component::Redis, REDIS_PORT));
@@ -214,6 +211,7 @@ pub fn build(cluster: &ChatCluster, inputs: &BuildInputs) -> Result<Children> {
         },
         secrets,
         haproxy_config,
+        network_policies: policy::network_policies(&ctx, &inputs.operator_namespace),
         statefulsets,
         services,
         deployments: vec![
@@ -224,7 +222,6 @@ pub fn build(cluster: &ChatCluster, inputs: &BuildInputs) -> Result<Children> {
             policy::disruption_budget(&ctx, Component::Gateway),
             policy::disruption_budget(&ctx, Component::Worker),
         ],
-        network_policies: policy::network_policies(&ctx),
     })
 }
 
@@ -345,12 +342,90 @@ impl<'a> BuildContext<'a> {
         }
     }
 
+    /// CA certificates of the external stores, as `(file name, Secret key)`.
+    fn ca_files(&self) -> Vec<(&'static str, &SecretKeyRef)> {
+        let spec = &self.cluster.spec;
+        let redis = spec
+            .redis
+            .external
+            .as_ref()
+            .and_then(|e| e.ca_secret_ref.as_ref());
+        let postgres = spec
+            .postgres
+            .external
+            .as_ref()
+            .and_then(|e| e.ca_secret_ref.as_ref());
+        [(REDIS_CA_FILE, redis), (POSTGRES_CA_FILE, postgres)]
+            .into_iter()
+            .filter_map(|(file, reference)| Some((file, reference?)))
+            .collect()
+    }
+
+    /// The projected volume holding the external stores' CA certificates, when any is set.
+    pub(crate) fn ca_volume(&self) -> Option<Vec<Volume>> {
+        let files = self.ca_files();
+        if files.is_empty() {
+            return None;
+        }
+        let sources = files
+            .into_iter()
+            .map(|(file, reference)| VolumeProjection {
+                secret: Some(SecretProjection {
+                    name: reference.name.clone(),
+                    items: Some(vec![KeyToPath {
+                        key: reference.key.clone(),
+                        path: file.to_owned(),
+                        mode: None,
+                    }]),
+                    optional: None,
+                }),
+                ..VolumeProjection::default()
+            })
+            .collect();
+        Some(vec![Volume {
+            name: CA_VOLUME.to_owned(),
+            projected: Some(ProjectedVolumeSource {
+                sources: Some(sources),
+                default_mode: None,
+            }),
+            ..Volume::default()
+        }])
+    }
+
+    /// The read-only mount of [`BuildContext::ca_volume`] at [`CA_DIR`].
+    pub(crate) fn ca_mount(&self) -> Option<Vec<VolumeMount>> {
+        self.ca_volume()?;
+        Some(vec![VolumeMount {
+            name: CA_VOLUME.to_owned(),
+            mount_path: CA_DIR.to_owned(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        }])
+    }
+
+    /// Where the TLS clients find the CAs: rustls' `SSL_CERT_DIR` (the Redis client) and
+    /// libpq's `PGSSLROOTCERT` (the PostgreSQL client).
+    pub(crate) fn ca_env(&self) -> Vec<EnvVar> {
+        let files = self.ca_files();
+        let mut env = Vec::new();
+        if files.iter().any(|(file, _)| *file == REDIS_CA_FILE) {
+            env.push(plain_env("SSL_CERT_DIR", CA_DIR));
+        }
+        if files.iter().any(|(file, _)| *file == POSTGRES_CA_FILE) {
+            env.push(plain_env(
+                "PGSSLROOTCERT",
+                format!("{CA_DIR}/{POSTGRES_CA_FILE}"),
+            ));
+        }
+        env
+    }
+
     /// `DATABASE_URL`: from the generated Secret of the managed PostgreSQL, or the external one.
     pub(crate) fn database_url_env(&self) -> EnvVar {
         let reference = match &self.cluster.spec.postgres.external {
             Some(external) => external.url_secret_ref.clone(),
             None => SecretKeyRef {
-                name: names::postgres(&self.name),
+                name: Component::Postgres.object_name(&self.name),
                 key: DATABASE_URL_KEY.to_owned(),
             },
         };
@@ -362,8 +437,28 @@ impl<'a> BuildContext<'a> {
 pub fn managed_redis_url(cluster: &str, namespace: &str) -> String {
     format!(
         "redis://{}.{namespace}.svc:{REDIS_PORT}",
-        names::redis(cluster)
+        Component::Redis.object_name(cluster)
     )
+}
+
+/// `spec` with the pod placement of a component (node selector, affinity, tolerations,
+/// topology spread, priority class).
+pub(crate) fn placed(spec: PodSpec, placement: &Placement) -> PodSpec {
+    let Placement {
+        node_selector,
+        affinity,
+        tolerations,
+        topology_spread_constraints,
+        priority_class_name,
+    } = placement.clone();
+    PodSpec {
+        node_selector,
+        affinity,
+        tolerations,
+        topology_spread_constraints,
+        priority_class_name,
+        ..spec
+    }
 }
 
 /// An environment variable with a literal value.
@@ -507,7 +602,6 @@ pub(crate) fn hardened_container(ctx: &BuildContext<'_>, name: &str, image: &str
 pub(crate) mod tests {
     use super::*;
     use crate::crd::{ChatClusterSpec, ExternalDatastore};
-    use k8s_openapi::api::core::v1::PodSpec;
 
     /// A cluster as the API server would return it (namespace and UID set).
     pub(crate) fn cluster(spec: serde_json::Value) -> ChatCluster {
@@ -524,6 +618,7 @@ pub(crate) mod tests {
             worker_replicas: 2,
             postgres_password: "pw".to_owned(),
             jwt_secret: "jwt".to_owned(),
+            operator_namespace: "ops".to_owned(),
         }
     }
 
@@ -554,7 +649,7 @@ pub(crate) mod tests {
             .chain(children.disruption_budgets.iter().map(|o| &o.metadata))
             .chain(children.network_policies.iter().map(|o| &o.metadata))
             .collect();
-        assert_eq!(metas.len(), 14);
+        assert_eq!(metas.len(), 15);
         for meta in metas {
             let owner = &meta.owner_references.as_ref().unwrap()[0];
             assert_eq!(
@@ -607,14 +702,18 @@ pub(crate) mod tests {
             key: "url".to_owned(),
         };
         let spec = serde_json::json!({
-            "redis": { "external": ExternalDatastore { url_secret_ref: reference("r") } },
-            "postgres": { "external": ExternalDatastore { url_secret_ref: reference("p") } },
+            "redis": { "external": ExternalDatastore { url_secret_ref: reference("r"), ca_secret_ref: None } },
+            "postgres": { "external": ExternalDatastore { url_secret_ref: reference("p"), ca_secret_ref: Some(reference("p-ca")) } },
         });
         let children = build(&cluster(spec), &inputs()).unwrap();
         assert!(children.statefulsets.is_empty());
         assert!(children.secrets.is_empty());
         assert!(children.network_policies.is_empty());
-        assert_eq!(children.services.len(), 1);
+        assert_eq!(
+            children.services.len(),
+            2,
+            "the gateway's client and metrics Services"
+        );
         let worker = &children.deployments[1].spec.as_ref().unwrap().template;
         let env = worker.spec.as_ref().unwrap().containers[0]
             .env
@@ -633,6 +732,62 @@ pub(crate) mod tests {
         };
         assert_eq!(secret_of("REDIS_URL"), "r");
         assert_eq!(secret_of("DATABASE_URL"), "p");
+        let value = |name: &str| {
+            env.iter()
+                .find(|e| e.name == name)
+                .and_then(|e| e.value.clone())
+        };
+        assert_eq!(
+            value("PGSSLROOTCERT").as_deref(),
+            Some("/etc/chatcluster/ca/postgres-ca.crt"),
+            "the PostgreSQL CA is trusted"
+        );
+        assert_eq!(value("SSL_CERT_DIR"), None, "no Redis CA was given");
+        let pod = worker.spec.as_ref().unwrap();
+        let projected = pod.volumes.as_ref().unwrap()[0].projected.clone().unwrap();
+        let source = projected.sources.unwrap()[0].secret.clone().unwrap();
+        assert_eq!(source.name, "p-ca");
+        assert_eq!(source.items.unwrap()[0].path, "postgres-ca.crt");
+        let mount = &pod.containers[0].volume_mounts.as_ref().unwrap()[0];
+        assert_eq!(
+            (mount.mount_path.as_str(), mount.read_only),
+            ("/etc/chatcluster/ca", Some(true))
+        );
+    }
+
+    #[test]
+    fn placement_reaches_every_pod() {
+        let placement = serde_json::json!({
+            "nodeSelector": {"pool": "chat"},
+            "priorityClassName": "chat-critical",
+            "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "chat", "effect": "NoSchedule"}],
+            "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "kubernetes.io/hostname",
+                "whenUnsatisfiable": "ScheduleAnyway"}],
+            "affinity": {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
+                {"weight": 100, "podAffinityTerm": {"topologyKey": "kubernetes.io/hostname"}}]}},
+        });
+        let spec = serde_json::json!({
+            "gateway": placement, "worker": placement,
+            "redis": {"managed": placement}, "postgres": {"managed": placement},
+        });
+        let children = build(&cluster(spec), &inputs()).unwrap();
+        for pod in all_pod_specs(&children) {
+            assert_eq!(pod.node_selector.as_ref().unwrap()["pool"], "chat");
+            assert_eq!(pod.priority_class_name.as_deref(), Some("chat-critical"));
+            assert_eq!(
+                pod.tolerations.as_ref().unwrap()[0].key.as_deref(),
+                Some("dedicated")
+            );
+            assert_eq!(
+                pod.topology_spread_constraints.as_ref().unwrap()[0].max_skew,
+                1
+            );
+            assert!(pod.affinity.as_ref().unwrap().pod_anti_affinity.is_some());
+        }
+        let plain = build(&cluster(serde_json::json!({})), &inputs()).unwrap();
+        for pod in all_pod_specs(&plain) {
+            assert!(pod.affinity.is_none() && pod.tolerations.is_none());
+        }
     }
 
     #[test]

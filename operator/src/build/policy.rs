@@ -2,7 +2,7 @@
 //!
 //! Voluntary evictions (node drains) take gateway and worker pods one at a time. The managed
 //! data stores accept connections only from the cluster's own pods; Redis also from the
-//! operator, which reads the persistence lag from it.
+//! operator's pods in the operator's namespace, which read the persistence lag from it.
 
 use std::collections::BTreeMap;
 
@@ -18,6 +18,9 @@ use super::{
     APP_NAME, BuildContext, Component, LABEL_INSTANCE, LABEL_NAME, MANAGER, POSTGRES_PORT,
     REDIS_PORT,
 };
+
+/// Label the API server puts on every namespace, holding its name.
+const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
 
 /// A budget allowing one unavailable pod of `component` at a time.
 pub(super) fn disruption_budget(
@@ -35,19 +38,28 @@ pub(super) fn disruption_budget(
     }
 }
 
-/// One policy per managed data store.
-pub(super) fn network_policies(ctx: &BuildContext<'_>) -> Vec<NetworkPolicy> {
+/// One policy per managed data store. Redis also admits the operator's pods, and only those in
+/// `operator_namespace`.
+pub(super) fn network_policies(
+    ctx: &BuildContext<'_>,
+    operator_namespace: &str,
+) -> Vec<NetworkPolicy> {
     let spec = &ctx.cluster.spec;
     let mut policies = Vec::new();
     if spec.redis.managed.is_some() {
-        policies.push(datastore_policy(ctx, Component::Redis, REDIS_PORT, true));
+        policies.push(datastore_policy(
+            ctx,
+            Component::Redis,
+            REDIS_PORT,
+            Some(operator_namespace),
+        ));
     }
     if spec.postgres.managed.is_some() {
         policies.push(datastore_policy(
             ctx,
             Component::Postgres,
             POSTGRES_PORT,
-            false,
+            None,
         ));
     }
     policies
@@ -57,7 +69,7 @@ fn datastore_policy(
     ctx: &BuildContext<'_>,
     component: Component,
     port: i32,
-    allow_operator: bool,
+    operator_namespace: Option<&str>,
 ) -> NetworkPolicy {
     let labels = |pairs: &[(&str, &str)]| LabelSelector {
         match_labels: Some(
@@ -75,9 +87,9 @@ fn datastore_policy(
         ])),
         ..NetworkPolicyPeer::default()
     }];
-    if allow_operator {
+    if let Some(namespace) = operator_namespace {
         from.push(NetworkPolicyPeer {
-            namespace_selector: Some(LabelSelector::default()),
+            namespace_selector: Some(labels(&[(NAMESPACE_NAME_LABEL, namespace)])),
             pod_selector: Some(labels(&[(LABEL_NAME, MANAGER)])),
             ..NetworkPolicyPeer::default()
         });
@@ -129,7 +141,12 @@ mod tests {
             .match_labels
             .unwrap();
         assert_eq!(operator["app.kubernetes.io/name"], "chatcluster-operator");
-        assert!(redis_from[1].namespace_selector.is_some());
+        let namespace = redis_from[1].namespace_selector.clone().unwrap();
+        assert_eq!(
+            namespace.match_labels.unwrap()["kubernetes.io/metadata.name"],
+            "ops",
+            "only the operator's own namespace"
+        );
         let postgres_rule = rule(postgres);
         assert_eq!(postgres_rule.from.unwrap().len(), 1);
         let port = postgres_rule.ports.unwrap()[0].port.clone();

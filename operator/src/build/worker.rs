@@ -5,26 +5,29 @@ use k8s_openapi::api::core::v1::{Container, PodSpec, PodTemplateSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use super::{
-    APP_UID, BuildContext, Component, WORKER_ADMIN_PORT, hardened_container, names, plain_env,
-    pod_name_env, pod_security, resources_or, with_admin_endpoint,
+    APP_UID, BuildContext, Component, WORKER_ADMIN_PORT, hardened_container, names, placed,
+    plain_env, pod_name_env, pod_security, resources_or, with_admin_endpoint,
 };
 
 /// The worker Deployment with `replicas` pods.
 pub(super) fn deployment(ctx: &BuildContext<'_>, replicas: i32) -> Deployment {
     let cluster = &ctx.cluster.spec;
     let spec = &cluster.worker;
+    let mut env = vec![
+        ctx.redis_url_env(),
+        ctx.database_url_env(),
+        pod_name_env("WORKER_ID"),
+        plain_env("BATCH_SIZE", spec.batch_size.to_string()),
+        plain_env("BATCH_TIMEOUT", spec.batch_timeout.clone()),
+        plain_env("CLAIM_IDLE", spec.claim_idle.clone()),
+        plain_env("STREAM_SHARDS", cluster.stream_shards.to_string()),
+        plain_env("ADMIN_ADDR", format!("0.0.0.0:{WORKER_ADMIN_PORT}")),
+        plain_env("LOG_FORMAT", "json"),
+    ];
+    env.extend(ctx.ca_env());
     let container = Container {
-        env: Some(vec![
-            ctx.redis_url_env(),
-            ctx.database_url_env(),
-            pod_name_env("WORKER_ID"),
-            plain_env("BATCH_SIZE", spec.batch_size.to_string()),
-            plain_env("BATCH_TIMEOUT", spec.batch_timeout.clone()),
-            plain_env("CLAIM_IDLE", spec.claim_idle.clone()),
-            plain_env("STREAM_SHARDS", cluster.stream_shards.to_string()),
-            plain_env("ADMIN_ADDR", format!("0.0.0.0:{WORKER_ADMIN_PORT}")),
-            plain_env("LOG_FORMAT", "json"),
-        ]),
+        env: Some(env),
+        volume_mounts: ctx.ca_mount(),
         resources: Some(resources_or(
             spec.resources.as_ref(),
             "50m",
@@ -35,7 +38,7 @@ pub(super) fn deployment(ctx: &BuildContext<'_>, replicas: i32) -> Deployment {
     };
     let container = with_admin_endpoint(container, "admin", WORKER_ADMIN_PORT);
     Deployment {
-        metadata: ctx.meta(names::worker(&ctx.name), Component::Worker),
+        metadata: ctx.meta(Component::Worker.object_name(&ctx.name), Component::Worker),
         spec: Some(DeploymentSpec {
             replicas: Some(replicas),
             selector: ctx.selector(Component::Worker),
@@ -44,13 +47,17 @@ pub(super) fn deployment(ctx: &BuildContext<'_>, replicas: i32) -> Deployment {
                     labels: Some(ctx.pod_labels(Component::Worker)),
                     ..ObjectMeta::default()
                 }),
-                spec: Some(PodSpec {
-                    service_account_name: Some(names::service_account(&ctx.name)),
-                    automount_service_account_token: Some(false),
-                    security_context: Some(pod_security(APP_UID, APP_UID)),
-                    containers: vec![container],
-                    ..PodSpec::default()
-                }),
+                spec: Some(placed(
+                    PodSpec {
+                        service_account_name: Some(names::service_account(&ctx.name)),
+                        automount_service_account_token: Some(false),
+                        security_context: Some(pod_security(APP_UID, APP_UID)),
+                        containers: vec![container],
+                        volumes: ctx.ca_volume(),
+                        ..PodSpec::default()
+                    },
+                    &spec.placement,
+                )),
             },
             ..DeploymentSpec::default()
         }),

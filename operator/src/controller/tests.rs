@@ -16,8 +16,10 @@ use kube::runtime::reflector::store::Writer;
 use kube::runtime::watcher;
 use serde_json::{Value, json};
 
+use super::apply::stamp_all;
 use super::*;
 use crate::build::tests::cluster;
+use crate::build::{Children, PASSWORD_KEY};
 use crate::crd::ChatClusterStatus;
 use crate::fake_api::{self, Call};
 
@@ -41,11 +43,17 @@ impl CallKind for Call {
     }
 }
 
-/// A lag source returning a fixed value, or failing like an unreachable Redis.
-struct FixedLag(Option<i64>);
+/// A lag source returning a fixed value, or failing like an unreachable Redis; counts reads.
+struct FixedLag(Option<i64>, std::sync::atomic::AtomicUsize);
 
 impl LagSource for FixedLag {
-    fn total_lag<'a>(&'a self, _url: &'a str, _shards: i32) -> BoxFuture<'a, Result<i64>> {
+    fn total_lag<'a>(
+        &'a self,
+        _url: &'a str,
+        _ca: Option<&'a str>,
+        _shards: i32,
+    ) -> BoxFuture<'a, Result<i64>> {
+        self.1.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let result = self.0.ok_or_else(|| {
             Error::Redis(redis::RedisError::from((
                 redis::ErrorKind::Io,
@@ -110,9 +118,13 @@ struct Harness {
     ctx: Arc<Context>,
     writers: Writers,
     calls: fake_api::Calls,
+    lag: Arc<FixedLag>,
 }
 
-fn harness(lag: Option<i64>, objects: Objects, fail_applies: bool) -> Harness {
+/// A fake API server holding `objects`, whose applies to paths containing `fail` fail.
+fn harness(lag: Option<i64>, objects: Objects, fail: Option<&'static str>) -> Harness {
+    let fail_applies = fail.is_some();
+    let failing = fail.unwrap_or_default();
     let (client, calls) = fake_api::client(move |call| match call.method.as_str() {
         "GET" => match objects.get(call.path.split('?').next().unwrap_or_default()) {
             Some(object) => (StatusCode::OK, object.clone()),
@@ -121,7 +133,7 @@ fn harness(lag: Option<i64>, objects: Objects, fail_applies: bool) -> Harness {
                 fake_api::failure(404, "NotFound", "not found"),
             ),
         },
-        "PATCH" if fail_applies && !call.path.contains("/events") => (
+        "PATCH" if fail_applies && call.path.contains(failing) => (
             StatusCode::INTERNAL_SERVER_ERROR,
             fake_api::failure(500, "InternalError", "etcd unavailable"),
         ),
@@ -169,23 +181,29 @@ fn harness(lag: Option<i64>, objects: Objects, fail_applies: bool) -> Harness {
         controller: "chatcluster-operator".to_owned(),
         instance: None,
     };
-    let lag = Arc::new(FixedLag(lag));
+    let lag = Arc::new(FixedLag(lag, Default::default()));
     let ctx = Context::new(
         client,
         reporter,
         Metrics::default(),
         stores,
-        lag,
+        lag.clone(),
         Settings::default(),
     );
     Harness {
         ctx: Arc::new(ctx),
         writers,
         calls,
+        lag,
     }
 }
 
 impl Harness {
+    /// How often the lag source was asked.
+    fn lag_reads(&self) -> usize {
+        self.lag.1.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Runs one reconcile and returns its result with every request it made.
     async fn reconcile(&mut self, cluster: &ChatCluster) -> (Result<Action>, Vec<Call>) {
         observe(&mut self.writers.clusters, cluster);
@@ -195,8 +213,7 @@ impl Harness {
 }
 
 fn postgres_secret_object(password: &str) -> Value {
-    let ctx_cluster = cluster(json!({}));
-    let children = build::build(&ctx_cluster, &inputs_with(1, password)).unwrap();
+    let children = built(&cluster(json!({})), &inputs_with(1, password));
     serde_json::to_value(&children.secrets[0]).unwrap()
 }
 
@@ -205,7 +222,15 @@ fn inputs_with(workers: i32, password: &str) -> BuildInputs {
         worker_replicas: workers,
         postgres_password: password.to_owned(),
         jwt_secret: "unused".to_owned(),
+        operator_namespace: Settings::default().operator_namespace,
     }
+}
+
+/// The children as the operator applies them (stamped with their hash).
+fn built(cluster: &ChatCluster, inputs: &BuildInputs) -> Children {
+    let mut children = build::build(cluster, inputs).unwrap();
+    stamp_all(&mut children).unwrap();
+    children
 }
 
 const POSTGRES_SECRET_PATH: &str = "/api/v1/namespaces/chat/secrets/demo-postgres";
@@ -242,26 +267,27 @@ fn event_reasons(calls: &[Call]) -> Vec<String> {
         .collect()
 }
 
-const ALL_CHILDREN: [&str; 14] = [
+const ALL_CHILDREN: [&str; 15] = [
     "ServiceAccount/demo",
     "Secret/demo-postgres",
     "ConfigMap/demo-haproxy",
+    "NetworkPolicy/demo-redis",
+    "NetworkPolicy/demo-postgres",
     "StatefulSet/demo-redis",
     "StatefulSet/demo-postgres",
     "Service/demo-gateway",
+    "Service/demo-gateway-metrics",
     "Service/demo-redis",
     "Service/demo-postgres",
     "Deployment/demo-gateway",
     "Deployment/demo-worker",
     "PodDisruptionBudget/demo-gateway",
     "PodDisruptionBudget/demo-worker",
-    "NetworkPolicy/demo-redis",
-    "NetworkPolicy/demo-postgres",
 ];
 
 #[tokio::test]
 async fn create_applies_every_child_with_one_field_manager_then_status() {
-    let mut harness = harness(Some(0), Objects::new(), false);
+    let mut harness = harness(Some(0), Objects::new(), None);
     let (result, calls) = harness.reconcile(&cluster(json!({}))).await;
     assert!(result.is_ok(), "{result:?}");
     assert_eq!(applied_kinds(&calls), ALL_CHILDREN);
@@ -325,9 +351,9 @@ async fn steady_state_makes_no_writes() {
         POSTGRES_SECRET_PATH.to_owned(),
         postgres_secret_object("pw"),
     )]);
-    let mut harness = harness(Some(0), objects, false);
+    let mut harness = harness(Some(0), objects, None);
     let mut chat = cluster(json!({}));
-    let children = build::build(&chat, &inputs_with(1, "pw")).unwrap();
+    let children = built(&chat, &inputs_with(1, "pw"));
     harness.writers.observe_all(&children);
 
     let (result, calls) = harness.reconcile(&chat).await;
@@ -346,7 +372,17 @@ async fn steady_state_makes_no_writes() {
         writes.is_empty(),
         "an unchanged cluster must not write: {writes:?}"
     );
-    assert_eq!(calls.len(), 1, "only the stable secret is read: {calls:?}");
+    let reads: Vec<&str> = calls.iter().map(|c| c.path.as_str()).collect();
+    assert_eq!(
+        reads,
+        [
+            POSTGRES_SECRET_PATH,
+            "/api/v1/namespaces/chat/persistentvolumeclaims/data-demo-redis-0",
+            "/api/v1/namespaces/chat/persistentvolumeclaims/data-demo-postgres-0",
+            "/api/v1/namespaces/chat/secrets/demo-auth",
+        ],
+        "only the generated secrets and the data claims are read"
+    );
 }
 
 #[tokio::test]
@@ -355,11 +391,11 @@ async fn spec_change_updates_only_what_it_affects() {
         POSTGRES_SECRET_PATH.to_owned(),
         postgres_secret_object("pw"),
     )]);
-    let mut harness = harness(Some(0), objects, false);
+    let mut harness = harness(Some(0), objects, None);
     let before = cluster(json!({}));
     harness
         .writers
-        .observe_all(&build::build(&before, &inputs_with(1, "pw")).unwrap());
+        .observe_all(&built(&before, &inputs_with(1, "pw")));
 
     let mut after = cluster(json!({"gateway": {"processesPerPod": 2}}));
     after.metadata.generation = Some(2);
@@ -367,7 +403,11 @@ async fn spec_change_updates_only_what_it_affects() {
     assert!(result.is_ok(), "{result:?}");
     assert_eq!(
         applied_kinds(&calls),
-        ["ConfigMap/demo-haproxy", "Deployment/demo-gateway"]
+        [
+            "ConfigMap/demo-haproxy",
+            "Service/demo-gateway-metrics",
+            "Deployment/demo-gateway"
+        ]
     );
     let gateway = calls
         .iter()
@@ -387,11 +427,11 @@ async fn lag_scales_workers_up_with_an_event() {
         POSTGRES_SECRET_PATH.to_owned(),
         postgres_secret_object("pw"),
     )]);
-    let mut harness = harness(Some(12_000), objects, false);
+    let mut harness = harness(Some(12_000), objects, None);
     let chat = cluster(json!({"worker": {"targetLagPerReplica": 5000, "maxReplicas": 8}}));
     harness
         .writers
-        .observe_all(&build::build(&chat, &inputs_with(1, "pw")).unwrap());
+        .observe_all(&built(&chat, &inputs_with(1, "pw")));
 
     let (result, calls) = harness.reconcile(&chat).await;
     assert!(result.is_ok(), "{result:?}");
@@ -417,10 +457,10 @@ async fn gateway_scale_is_applied_with_an_event() {
         POSTGRES_SECRET_PATH.to_owned(),
         postgres_secret_object("pw"),
     )]);
-    let mut harness = harness(Some(0), objects, false);
+    let mut harness = harness(Some(0), objects, None);
     harness
         .writers
-        .observe_all(&build::build(&cluster(json!({})), &inputs_with(1, "pw")).unwrap());
+        .observe_all(&built(&cluster(json!({})), &inputs_with(1, "pw")));
     let scaled = cluster(json!({"gateway": {"replicas": 5}}));
     let (result, calls) = harness.reconcile(&scaled).await;
     assert!(result.is_ok(), "{result:?}");
@@ -439,11 +479,11 @@ async fn unreadable_redis_keeps_workers_and_reports_no_lag() {
         POSTGRES_SECRET_PATH.to_owned(),
         postgres_secret_object("pw"),
     )]);
-    let mut harness = harness(None, objects, false);
+    let mut harness = harness(None, objects, None);
     let chat = cluster(json!({"worker": {"minReplicas": 1, "maxReplicas": 5}}));
     harness
         .writers
-        .observe_all(&build::build(&chat, &inputs_with(2, "pw")).unwrap());
+        .observe_all(&built(&chat, &inputs_with(2, "pw")));
     let (result, calls) = harness.reconcile(&chat).await;
     assert!(
         result.is_ok(),
@@ -456,7 +496,7 @@ async fn unreadable_redis_keeps_workers_and_reports_no_lag() {
 
 #[tokio::test]
 async fn missing_external_secret_degrades_with_event_and_backoff() {
-    let mut harness = harness(Some(0), Objects::new(), false);
+    let mut harness = harness(Some(0), Objects::new(), None);
     let chat = cluster(
         json!({"redis": {"external": {"urlSecretRef": {"name": "redis-url", "key": "url"}}}}),
     );
@@ -498,7 +538,7 @@ async fn missing_external_secret_degrades_with_event_and_backoff() {
 
 #[tokio::test]
 async fn invalid_spec_is_rejected_before_any_apply() {
-    let mut harness = harness(Some(0), Objects::new(), false);
+    let mut harness = harness(Some(0), Objects::new(), None);
     let chat = cluster(json!({"worker": {"minReplicas": 5, "maxReplicas": 2}}));
     let (result, calls) = harness.reconcile(&chat).await;
     assert!(matches!(result, Err(Error::InvalidSpec(_))), "{result:?}");
@@ -506,34 +546,253 @@ async fn invalid_spec_is_rejected_before_any_apply() {
     assert_eq!(event_reasons(&calls), ["InvalidSpec"]);
     let status = status_patch(&calls);
     assert_eq!(
-        status::find(&status, status::READY).unwrap().reason,
+        status::find(&status, status::DEGRADED).unwrap().reason,
         "InvalidSpec"
     );
 }
 
 #[tokio::test]
-async fn api_failure_stops_the_apply_and_is_reported() {
-    let mut harness = harness(Some(0), Objects::new(), true);
+async fn a_failing_child_does_not_stop_the_others() {
+    let mut harness = harness(Some(0), Objects::new(), Some("/statefulsets/"));
     let (result, calls) = harness.reconcile(&cluster(json!({}))).await;
-    assert!(matches!(result, Err(Error::Kube(_))), "{result:?}");
+    let Err(Error::Children(failures)) = &result else {
+        panic!("expected child failures: {result:?}")
+    };
+    let failed: Vec<String> = failures
+        .iter()
+        .map(|f| format!("{}/{}", f.kind, f.name))
+        .collect();
+    assert_eq!(
+        failed,
+        ["StatefulSet/demo-redis", "StatefulSet/demo-postgres"]
+    );
     assert_eq!(
         applied_kinds(&calls),
-        ["ServiceAccount/demo"],
-        "stops at the first failure"
+        ALL_CHILDREN,
+        "every child is tried, the failing ones too"
     );
-    assert_eq!(event_reasons(&calls), ["ReconcileFailed"]);
+    assert_eq!(event_reasons(&calls), ["Created", "ApplyFailed"]);
+    let status = status_patch(&calls);
+    let degraded = status::find(&status, status::DEGRADED).unwrap();
+    assert_eq!(
+        (degraded.status.as_str(), degraded.reason.as_str()),
+        ("True", "ApplyFailed")
+    );
+    assert!(
+        degraded.message.contains("StatefulSet demo-redis: ")
+            && degraded.message.contains("StatefulSet demo-postgres: "),
+        "every failure is reported: {}",
+        degraded.message
+    );
 }
 
-#[test]
-fn contains_compares_desired_fields_only() {
-    let live = json!({"a": 1, "b": {"c": [1, {"d": 2, "e": 3}]}, "extra": true});
-    assert!(contains(&live, &json!({"a": 1, "b": {"c": [1, {"d": 2}]}})));
-    assert!(!contains(&live, &json!({"a": 2})));
+#[tokio::test]
+async fn a_field_dropped_from_the_spec_is_applied_away() {
+    let objects = Objects::from([(
+        POSTGRES_SECRET_PATH.to_owned(),
+        postgres_secret_object("pw"),
+    )]);
+    let mut harness = harness(Some(0), objects, None);
+    let limited = cluster(json!({"imagePullPolicy": "Always"}));
+    harness
+        .writers
+        .observe_all(&built(&limited, &inputs_with(1, "pw")));
+    let (_, calls) = harness.reconcile(&cluster(json!({}))).await;
+    let applied = applied_kinds(&calls);
     assert!(
-        !contains(&live, &json!({"b": {"c": [1]}})),
-        "lists must match in length"
+        applied.contains(&"Deployment/demo-worker".to_owned()),
+        "{applied:?}"
     );
-    assert!(!contains(&live, &json!({"missing": 1})));
+    let worker = calls
+        .iter()
+        .find(|c| c.is_apply() && c.path.contains("/deployments/demo-worker"))
+        .unwrap();
+    let container = &worker.body["spec"]["template"]["spec"]["containers"][0];
+    assert!(
+        container.get("imagePullPolicy").is_none(),
+        "the apply omits the field, so server-side apply removes it: {container}"
+    );
+}
+
+#[tokio::test]
+async fn values_the_server_rewrites_do_not_cause_applies() {
+    let objects = Objects::from([(
+        POSTGRES_SECRET_PATH.to_owned(),
+        postgres_secret_object("pw"),
+    )]);
+    let mut harness = harness(Some(0), objects, None);
+    let spec = json!({"worker": {"resources": {"requests": {"cpu": "0.5"}}}});
+    let chat = cluster(spec);
+    let mut live = built(&chat, &inputs_with(1, "pw"));
+    // The API server stores `cpu: 0.5` as `500m`.
+    let worker = &mut live.deployments[1];
+    let resources = worker
+        .spec
+        .as_mut()
+        .unwrap()
+        .template
+        .spec
+        .as_mut()
+        .unwrap()
+        .containers[0]
+        .resources
+        .as_mut()
+        .unwrap();
+    resources.requests.as_mut().unwrap().insert(
+        "cpu".to_owned(),
+        k8s_openapi::apimachinery::pkg::api::resource::Quantity("500m".to_owned()),
+    );
+    harness.writers.observe_all(&live);
+    let (result, calls) = harness.reconcile(&chat).await;
+    assert!(result.is_ok(), "{result:?}");
+    assert!(
+        applied_kinds(&calls).is_empty(),
+        "{:?}",
+        applied_kinds(&calls)
+    );
+}
+
+#[tokio::test]
+async fn children_the_spec_no_longer_asks_for_are_removed() {
+    let external =
+        cluster(json!({"redis": {"external": {"urlSecretRef": {"name": "r", "key": "url"}}}}));
+    let mut harness = harness_with_secret("r", "url", "redis://r:6379");
+    harness
+        .writers
+        .observe_all(&built(&cluster(json!({})), &inputs_with(1, "pw")));
+    let (result, calls) = harness.reconcile(&external).await;
+    assert!(result.is_ok(), "{result:?}");
+    let deleted: Vec<&str> = calls
+        .iter()
+        .filter(|c| c.method == "DELETE")
+        .map(|c| c.path.split('?').next().unwrap_or_default())
+        .collect();
+    assert_eq!(
+        deleted,
+        [
+            "/apis/networking.k8s.io/v1/namespaces/chat/networkpolicies/demo-redis",
+            "/apis/apps/v1/namespaces/chat/statefulsets/demo-redis",
+            "/api/v1/namespaces/chat/services/demo-redis",
+        ]
+    );
+    assert!(event_reasons(&calls).contains(&"Removed".to_owned()));
+}
+
+/// A harness whose API server also holds the Secret `name` with `key: value`, and the
+/// managed PostgreSQL credentials.
+fn harness_with_secret(name: &str, key: &str, value: &str) -> Harness {
+    let secret = k8s_openapi::api::core::v1::Secret {
+        metadata: kube::api::ObjectMeta {
+            name: Some(name.to_owned()),
+            ..Default::default()
+        },
+        data: Some(
+            [(
+                key.to_owned(),
+                k8s_openapi::ByteString(value.as_bytes().to_vec()),
+            )]
+            .into(),
+        ),
+        ..Default::default()
+    };
+    let objects = Objects::from([
+        (
+            POSTGRES_SECRET_PATH.to_owned(),
+            postgres_secret_object("pw"),
+        ),
+        (
+            format!("/api/v1/namespaces/chat/secrets/{name}"),
+            serde_json::to_value(&secret).unwrap(),
+        ),
+    ]);
+    harness(Some(0), objects, None)
+}
+
+#[tokio::test]
+async fn credentials_live_as_long_as_the_data_claim_and_volumes_grow() {
+    let claim = |size: &str| {
+        json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+               "metadata": {"name": "data-demo-postgres-0", "namespace": "chat", "uid": "claim-uid"},
+               "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": size}}}})
+    };
+    let objects = Objects::from([
+        (
+            POSTGRES_SECRET_PATH.to_owned(),
+            postgres_secret_object("pw"),
+        ),
+        (
+            "/api/v1/namespaces/chat/persistentvolumeclaims/data-demo-postgres-0".to_owned(),
+            claim("5Gi"),
+        ),
+    ]);
+    let mut harness = harness(Some(0), objects, None);
+    let chat = cluster(json!({"postgres": {"managed": {"storage": "8Gi"}}}));
+    let (result, calls) = harness.reconcile(&chat).await;
+    assert!(result.is_ok(), "{result:?}");
+    let secret = calls
+        .iter()
+        .find(|c| c.is_apply() && c.path.contains("/secrets/demo-postgres"))
+        .expect("the credentials are applied with their new owner");
+    let owners = secret.body["metadata"]["ownerReferences"]
+        .as_array()
+        .unwrap();
+    let claim_owner = owners
+        .iter()
+        .find(|o| o["kind"] == "PersistentVolumeClaim")
+        .unwrap();
+    assert_eq!(claim_owner["uid"], "claim-uid");
+    assert!(
+        claim_owner.get("controller").is_none(),
+        "the ChatCluster stays the controller"
+    );
+    assert_eq!(
+        secret.body["data"][PASSWORD_KEY],
+        postgres_secret_object("pw")["data"][PASSWORD_KEY],
+        "the password is kept"
+    );
+    let resize = calls
+        .iter()
+        .find(|c| {
+            c.is_apply()
+                && c.path
+                    .contains("/persistentvolumeclaims/data-demo-postgres-0")
+        })
+        .expect("the claim is resized");
+    assert_eq!(
+        resize.body["spec"]["resources"]["requests"]["storage"],
+        "8Gi"
+    );
+    assert!(event_reasons(&calls).contains(&"ResizingVolume".to_owned()));
+}
+
+#[tokio::test]
+async fn an_unreadable_lag_is_read_again_only_after_a_backoff() {
+    let objects = Objects::from([(
+        POSTGRES_SECRET_PATH.to_owned(),
+        postgres_secret_object("pw"),
+    )]);
+    let mut harness = harness(None, objects, None);
+    let mut chat = cluster(json!({}));
+    harness
+        .writers
+        .observe_all(&built(&chat, &inputs_with(1, "pw")));
+    let (_, calls) = harness.reconcile(&chat).await;
+    chat.status = Some(status_patch(&calls));
+    let condition = status::find(chat.status.as_ref().unwrap(), status::SCALING_ACTIVE).unwrap();
+    assert_eq!(
+        (condition.status.as_str(), condition.reason.as_str()),
+        ("False", "LagUnavailable")
+    );
+    for _ in 0..3 {
+        let (result, calls) = harness.reconcile(&chat).await;
+        assert!(result.is_ok(), "{result:?}");
+        assert!(
+            calls.iter().all(|c| c.method == "GET"),
+            "the outage is said once: {calls:?}"
+        );
+    }
+    let reads = harness.lag_reads();
+    assert_eq!(reads, 1, "no read before the backoff passed");
 }
 
 #[test]
@@ -546,7 +805,7 @@ fn backoff_doubles_up_to_five_minutes() {
 
 #[tokio::test]
 async fn deleted_clusters_are_forgotten() {
-    let mut harness = harness(Some(0), Objects::new(), false);
+    let mut harness = harness(Some(0), Objects::new(), None);
     let doomed = cluster(json!({"worker": {"minReplicas": 5, "maxReplicas": 2}}));
     let (result, _) = harness.reconcile(&doomed).await;
     let error = result.unwrap_err();
@@ -565,7 +824,7 @@ async fn deleted_clusters_are_forgotten() {
         "the deleted cluster's count is gone"
     );
     assert_eq!(
-        lock(&harness.ctx.stabilizers).len(),
+        lock(&harness.ctx.scaling).len(),
         1,
         "only the live cluster's history"
     );
@@ -578,9 +837,9 @@ async fn becoming_ready_is_announced_once() {
         POSTGRES_SECRET_PATH.to_owned(),
         postgres_secret_object("pw"),
     )]);
-    let mut harness = harness(Some(0), objects, false);
+    let mut harness = harness(Some(0), objects, None);
     let mut chat = cluster(json!({}));
-    let mut children = build::build(&chat, &inputs_with(1, "pw")).unwrap();
+    let mut children = built(&chat, &inputs_with(1, "pw"));
     harness.writers.observe_all(&children);
     let (_, calls) = harness.reconcile(&chat).await;
     chat.status = Some(status_patch(&calls));

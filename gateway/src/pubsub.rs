@@ -30,6 +30,9 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use tokio_rustls::rustls::pki_types::ServerName;
+use tokio_rustls::rustls::{ClientConfig, RootCertStore};
+
 use crate::metrics::Metrics;
 use crate::resp::{self, Value};
 
@@ -80,6 +83,8 @@ impl std::fmt::Debug for Endpoint {
 #[derive(Debug, Clone)]
 enum Address {
     Tcp(String, u16),
+    /// `rediss://`: TLS, trusting the system's CAs plus `SSL_CERT_FILE` / `SSL_CERT_DIR`.
+    Tls(String, u16, Arc<ClientConfig>),
     Unix(PathBuf),
 }
 
@@ -90,6 +95,16 @@ impl Endpoint {
         let address = match info.addr() {
             redis::ConnectionAddr::Tcp(host, port) => Address::Tcp(host.clone(), *port),
             redis::ConnectionAddr::Unix(path) => Address::Unix(path.clone()),
+            redis::ConnectionAddr::TcpTls { insecure: true, .. } => {
+                return Err(PubSubError(
+                    "rediss:// with #insecure is not supported: make the server's CA trusted \
+                     (SSL_CERT_FILE or SSL_CERT_DIR) instead"
+                        .into(),
+                ));
+            }
+            redis::ConnectionAddr::TcpTls { host, port, .. } => {
+                Address::Tls(host.clone(), *port, tls_config()?)
+            }
             other => {
                 return Err(PubSubError(format!(
                     "unsupported Redis address {other}: use redis:// or redis+unix://"
@@ -410,12 +425,46 @@ impl Task {
     }
 }
 
+/// A TLS client configuration trusting the system's CAs (and, as OpenSSL
+/// does, `SSL_CERT_FILE` and `SSL_CERT_DIR`), like the gateway's command connection.
+fn tls_config() -> Result<Arc<ClientConfig>, PubSubError> {
+    let found = rustls_native_certs::load_native_certs();
+    if found.certs.is_empty() {
+        let why = found
+            .errors
+            .first()
+            .map_or_else(|| "none found".to_owned(), ToString::to_string);
+        return Err(PubSubError(format!(
+            "no CA certificates to verify Redis with: {why}"
+        )));
+    }
+    let mut roots = RootCertStore::empty();
+    for cert in found.certs {
+        roots
+            .add(cert)
+            .map_err(|e| PubSubError(format!("invalid CA certificate: {e}")))?;
+    }
+    Ok(Arc::new(
+        ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    ))
+}
+
 async fn open(address: &Address) -> std::io::Result<Pin<Box<dyn Stream>>> {
     Ok(match address {
         Address::Tcp(host, port) => {
             let stream = tokio::net::TcpStream::connect((host.as_str(), *port)).await?;
             stream.set_nodelay(true)?;
             Box::pin(stream)
+        }
+        Address::Tls(host, port, config) => {
+            let stream = tokio::net::TcpStream::connect((host.as_str(), *port)).await?;
+            stream.set_nodelay(true)?;
+            let name = ServerName::try_from(host.clone())
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+            let connector = tokio_rustls::TlsConnector::from(config.clone());
+            Box::pin(connector.connect(name, stream).await?)
         }
         Address::Unix(path) => Box::pin(tokio::net::UnixStream::connect(path).await?),
     })

@@ -274,6 +274,8 @@ impl Session {
                 .announce(&channel, &user, PresenceChange::Join)
                 .await;
         }
+        // Counted before the reply can reach the client.
+        gateway.metrics.subscriptions.inc();
         let joined = async {
             let presence = gateway.store.presence_users(&channel).await?;
             let reply = ReplyContext {
@@ -291,11 +293,11 @@ impl Session {
         .await;
         match joined {
             Ok(_) => {
-                gateway.metrics.subscriptions.inc();
                 self.subscriptions.insert(channel);
                 Ok(())
             }
             Err(error) => {
+                gateway.metrics.subscriptions.dec();
                 self.leave_presence(&channel).await;
                 Err(error)
             }

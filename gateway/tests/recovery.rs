@@ -81,7 +81,22 @@ async fn visit(url: String, user: String, encoding: Encoding) -> Away {
 
 /// Reconnects with `since`; returns the reply and the connection.
 async fn come_back(url: String, away: Away, encoding: Encoding) -> (Away, Value, Client) {
-    let mut client = login(&url, encoding, &away.user).await;
+    // Right after a Redis restart a request may still meet a broken link:
+    // `unavailable` tells a client to retry, as this one does.
+    let mut client = connect(&url, encoding).await;
+    for attempt in 0.. {
+        let reply = client
+            .request(json!({"op": "login", "user": away.user}))
+            .await;
+        if reply["type"] == "ok" {
+            break;
+        }
+        assert!(
+            reply["code"] == "unavailable" && attempt < 50,
+            "login failed: {reply}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let reply = client
         .ok(json!({"op": "subscribe", "channel": CHANNEL,
                    "since": {"offset": away.offset, "epoch": away.epoch}}))

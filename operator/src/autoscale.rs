@@ -297,123 +297,13 @@ mod tests {
         assert_eq!(error.metric_label(), "redis");
     }
 
-    /// A Redis with TLS only, its certificate signed by a CA of our own (made with openssl).
-    struct TlsRedis {
-        process: std::process::Child,
-        port: u16,
-        ca: String,
-        _dir: tempfile::TempDir,
-    }
-
-    impl TlsRedis {
-        fn start() -> Self {
-            let dir = tempfile::tempdir().expect("temp dir");
-            let path = |name: &str| dir.path().join(name).to_string_lossy().into_owned();
-            let openssl = |args: &[&str]| {
-                let status = std::process::Command::new("openssl")
-                    .args(args)
-                    .stderr(std::process::Stdio::null())
-                    .status()
-                    .expect("running openssl");
-                assert!(status.success(), "openssl {args:?}");
-            };
-            let (ca_key, ca_crt) = (path("ca.key"), path("ca.crt"));
-            let (key, csr, crt, ext) = (path("s.key"), path("s.csr"), path("s.crt"), path("s.ext"));
-            openssl(&[
-                "req",
-                "-x509",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-keyout",
-                &ca_key,
-                "-out",
-                &ca_crt,
-                "-days",
-                "1",
-                "-subj",
-                "/CN=test-ca",
-            ]);
-            openssl(&[
-                "req",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-keyout",
-                &key,
-                "-out",
-                &csr,
-                "-subj",
-                "/CN=localhost",
-            ]);
-            std::fs::write(&ext, "subjectAltName=DNS:localhost,IP:127.0.0.1\n").expect("ext");
-            openssl(&[
-                "x509",
-                "-req",
-                "-in",
-                &csr,
-                "-CA",
-                &ca_crt,
-                "-CAkey",
-                &ca_key,
-                "-CAcreateserial",
-                "-out",
-                &crt,
-                "-days",
-                "1",
-                "-extfile",
-                &ext,
-            ]);
-            let port = chatcluster_testkit::free_port();
-            let redis = chatcluster_testkit::find_binary("redis-server", &[], "redis-server");
-            let process = std::process::Command::new(redis)
-                .args([
-                    "--port",
-                    "0",
-                    "--tls-port",
-                    &port.to_string(),
-                    "--bind",
-                    "127.0.0.1",
-                    "--tls-cert-file",
-                    &crt,
-                    "--tls-key-file",
-                    &key,
-                    "--tls-ca-cert-file",
-                    &ca_crt,
-                    "--tls-auth-clients",
-                    "no",
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                ])
-                .stdout(std::process::Stdio::null())
-                .spawn()
-                .expect("starting redis-server with TLS");
-            let ca = std::fs::read_to_string(&ca_crt).expect("ca");
-            Self {
-                process,
-                port,
-                ca,
-                _dir: dir,
-            }
-        }
-    }
-
-    impl Drop for TlsRedis {
-        fn drop(&mut self) {
-            let _ = self.process.kill();
-            let _ = self.process.wait();
-        }
-    }
-
     #[tokio::test]
     async fn reads_the_lag_over_tls_trusting_the_spec_ca() {
-        let server = TlsRedis::start();
-        let url = format!("rediss://localhost:{}", server.port);
+        let server = chatcluster_testkit::TlsRedis::start();
+        let (url, ca) = (server.url(), server.ca_pem());
         let mut lag = Err(Error::InvalidSpec("not read yet".to_owned()));
         for _ in 0..50 {
-            lag = RedisLag.total_lag(&url, Some(&server.ca), 4).await;
+            lag = RedisLag.total_lag(&url, Some(&ca), 4).await;
             if lag.is_ok() {
                 break;
             }

@@ -19,10 +19,12 @@ pub mod postgres;
 pub mod process;
 pub mod proxy;
 pub mod redis;
+pub mod tls_redis;
 
 pub use haproxy::Haproxy;
 pub use postgres::Postgres;
 pub use redis::RedisServer;
+pub use tls_redis::TlsRedis;
 
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;

@@ -1,10 +1,13 @@
-//! A Unix-socket proxy in front of a real server that can lose one reply.
+//! A Unix-socket proxy in front of a real server that can lose one reply, or
+//! turn into a black hole.
 //!
-//! It forwards bytes both ways unchanged, except once: the first reply at
-//! least `min_len` bytes long to a request that contained `command` is
-//! swallowed and the connection closed, as when a network path dies after the
-//! server acted but before the client heard back. Tests use it to drive
-//! "the command ran, the reply was lost" deterministically.
+//! It forwards bytes both ways unchanged, except:
+//! - with a [`LoseReply`], once: the first reply at least `min_len` bytes long
+//!   to a request that contained `command` is swallowed and the connection
+//!   closed, as when a network path dies after the server acted but before the
+//!   client heard back ("the command ran, the reply was lost");
+//! - while [`FaultProxy::black_hole`] is on, every byte either way is dropped
+//!   and nothing is closed: a half-open link that looks alive to both ends.
 
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -23,7 +26,8 @@ pub struct LoseReply {
 
 #[derive(Debug)]
 struct Shared {
-    fault: LoseReply,
+    fault: Option<LoseReply>,
+    black_hole: AtomicBool,
     armed: AtomicBool,
     fired: AtomicUsize,
     closed: AtomicBool,
@@ -37,8 +41,19 @@ pub struct FaultProxy {
 }
 
 impl FaultProxy {
-    /// Listens on a new socket and forwards every connection to `target`.
+    /// Listens on a new socket and forwards every connection to `target`,
+    /// losing the reply `fault` describes.
     pub fn start(target: &Path, fault: LoseReply) -> Self {
+        Self::with(target, Some(fault))
+    }
+
+    /// Listens on a new socket and forwards every connection to `target`
+    /// unchanged (until [`FaultProxy::black_hole`]).
+    pub fn transparent(target: &Path) -> Self {
+        Self::with(target, None)
+    }
+
+    fn with(target: &Path, fault: Option<LoseReply>) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("cc-proxy")
             .tempdir()
@@ -46,6 +61,7 @@ impl FaultProxy {
         let listener = UnixListener::bind(dir.path().join("proxy.sock")).expect("bind proxy");
         let shared = Arc::new(Shared {
             fault,
+            black_hole: AtomicBool::new(false),
             armed: AtomicBool::new(true),
             fired: AtomicUsize::new(0),
             closed: AtomicBool::new(false),
@@ -78,6 +94,11 @@ impl FaultProxy {
         format!("unix://{}", self.socket().display())
     }
 
+    /// Drops every byte either way while `on`, closing nothing.
+    pub fn black_hole(&self, on: bool) {
+        self.shared.black_hole.store(on, Ordering::SeqCst);
+    }
+
     /// How many replies were lost (0 or 1).
     pub fn fired(&self) -> usize {
         self.shared.fired.load(Ordering::SeqCst)
@@ -101,18 +122,29 @@ fn pump(client: UnixStream, server: UnixStream, shared: Arc<Shared>) {
     };
     let requests = {
         let asked = asked.clone();
-        let command = shared.fault.command.to_ascii_lowercase().into_bytes();
+        let shared = shared.clone();
+        let command = shared
+            .fault
+            .as_ref()
+            .map(|f| f.command.to_ascii_lowercase().into_bytes());
         std::thread::spawn(move || {
             let mut buf = vec![0u8; 64 * 1024];
             while let Ok(n) = client_in.read(&mut buf) {
                 if n == 0 {
                     break;
                 }
-                let chunk = buf[..n].to_ascii_lowercase();
-                asked.store(
-                    chunk.windows(command.len()).any(|w| w == command),
-                    Ordering::SeqCst,
-                );
+                if shared.black_hole.load(Ordering::SeqCst) {
+                    continue;
+                }
+                if let Some(command) = &command {
+                    let chunk = buf[..n].to_ascii_lowercase();
+                    asked.store(
+                        chunk
+                            .windows(command.len())
+                            .any(|w| w == command.as_slice()),
+                        Ordering::SeqCst,
+                    );
+                }
                 if server_out.write_all(&buf[..n]).is_err() {
                     break;
                 }
@@ -126,7 +158,10 @@ fn pump(client: UnixStream, server: UnixStream, shared: Arc<Shared>) {
         if n == 0 {
             break;
         }
-        if n >= shared.fault.min_len
+        if shared.black_hole.load(Ordering::SeqCst) {
+            continue;
+        }
+        if shared.fault.as_ref().is_some_and(|f| n >= f.min_len)
             && asked.load(Ordering::SeqCst)
             && shared.armed.swap(false, Ordering::SeqCst)
         {

@@ -36,6 +36,8 @@ use crate::ws::{self, FrameReader, Incoming, WsError};
 
 /// Bytes read from the socket per read at most.
 const READ_CHUNK: usize = 4096;
+/// Queue slots a connection keeps allocated between writes.
+const KEPT_CHUNKS: usize = 8;
 /// Most buffers handed to one vectored write.
 const MAX_IOV: usize = 512;
 /// How long a closing connection may take to send what is queued and its close frame.
@@ -114,12 +116,7 @@ pub async fn upgrade(
     };
     let on_upgrade = hyper::upgrade::on(&mut request);
     let tracker = gateway.connections.clone();
-    tracker.spawn(async move {
-        match on_upgrade.await {
-            Ok(upgraded) => run(gateway, upgraded, identity, encoding, permit).await,
-            Err(error) => tracing::debug!(%error, "upgrade failed"),
-        }
-    });
+    tracker.spawn(run(gateway, on_upgrade, identity, encoding, permit));
     let mut response = StatusCode::SWITCHING_PROTOCOLS.into_response();
     let headers = response.headers_mut();
     headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
@@ -216,7 +213,12 @@ impl ReadHalf {
                     $half.readable().await?;
                     buffer.reserve(READ_CHUNK);
                     match $half.try_read_buf(buffer) {
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                            // A spurious wake-up: do not wait holding the room.
+                            if buffer.is_empty() {
+                                *buffer = BytesMut::new();
+                            }
+                        }
                         other => return other,
                     }
                 }
@@ -258,11 +260,18 @@ fn split(upgraded: Upgraded) -> (ReadHalf, WriteHalf, Bytes) {
 #[tracing::instrument(name = "conn", skip_all, fields(id))]
 async fn run(
     gateway: Arc<Gateway>,
-    upgraded: Upgraded,
+    on_upgrade: hyper::upgrade::OnUpgrade,
     identity: Option<Identity>,
     encoding: Encoding,
     _permit: OwnedSemaphorePermit,
 ) {
+    let upgraded = match on_upgrade.await {
+        Ok(upgraded) => upgraded,
+        Err(error) => {
+            tracing::debug!(%error, "upgrade failed");
+            return;
+        }
+    };
     let id = gateway.next_connection_id();
     tracing::Span::current().record("id", id);
     gateway.metrics.connections.inc();
@@ -280,10 +289,16 @@ async fn run(
         gateway.config.write_coalesce,
     ));
     let mut reader = FrameReader::new(gateway.config.max_frame_bytes);
-    reader.buffer().extend_from_slice(&early);
+    if !early.is_empty() {
+        reader.buffer().extend_from_slice(&early);
+    }
+    // The early bytes may be a view of hyper's whole read buffer: let it go now.
+    drop(early);
     match Box::pin(Session::start(gateway.clone(), outbox.clone(), identity)).await {
         Ok(mut session) => {
-            read_loop(&gateway, &mut read_half, &mut reader, &outbox, &mut session).await;
+            // Boxed, like every step of a connection's life: the task then holds
+            // no more than the pointers, whichever step it is in.
+            Box::pin(read_loop(&gateway, &mut read_half, &mut reader, &outbox, &mut session)).await;
             Box::pin(session.close()).await;
         }
         Err(error) => {
@@ -297,8 +312,15 @@ async fn run(
         }
     }
     outbox.close(CloseReason::Normal);
-    // Closing handshake: read until the client's close frame (or a timeout), so
-    // unread client bytes do not turn our close into a reset that loses the close frame.
+    Box::pin(await_close_frame(&mut read_half, &mut reader)).await;
+    let _ = writer.await;
+    gateway.metrics.connections.dec();
+    tracing::debug!("connection closed");
+}
+
+/// Closing handshake: reads until the client's close frame (or a timeout), so
+/// unread client bytes do not turn our close into a reset that loses the close frame.
+async fn await_close_frame(read_half: &mut ReadHalf, reader: &mut FrameReader) {
     let _ = tokio::time::timeout(CLOSE_GRACE, async {
         loop {
             match reader.next_message() {
@@ -312,9 +334,6 @@ async fn run(
         }
     })
     .await;
-    let _ = writer.await;
-    gateway.metrics.connections.dec();
-    tracing::debug!("connection closed");
 }
 
 async fn read_loop(
@@ -354,12 +373,14 @@ async fn read_loop(
                 }
                 Incoming::Pong => {}
                 Incoming::Text(data) => {
-                    if !request(gateway, outbox, session, &data, true, &mut bad_frames).await {
+                    let handled = request(gateway, outbox, session, &data, true, &mut bad_frames);
+                    if !Box::pin(handled).await {
                         return;
                     }
                 }
                 Incoming::Binary(data) => {
-                    if !request(gateway, outbox, session, &data, false, &mut bad_frames).await {
+                    let handled = request(gateway, outbox, session, &data, false, &mut bad_frames);
+                    if !Box::pin(handled).await {
                         return;
                     }
                 }
@@ -417,9 +438,7 @@ async fn request(
     match codec::decode_request(encoding, data) {
         Ok(request) => {
             *bad_frames = 0;
-            // Boxed: the deepest operation's state would otherwise live in
-            // every idle connection's task for its whole life.
-            if let Some(reply) = Box::pin(session.handle(request)).await {
+            if let Some(reply) = session.handle(request).await {
                 outbox.push_frame(&reply);
             }
             true
@@ -559,11 +578,18 @@ async fn write_loop(mut write_half: WriteHalf, inbox: Inbox, outbox: Outbox, coa
             break;
         }
         chunks.clear();
-        if chunks.capacity() > 64 {
+        // This buffer and the queue's are swapped on every take: keep them
+        // small so an idle connection holds no leftover of a burst.
+        if chunks.capacity() > KEPT_CHUNKS {
             chunks = Vec::new();
         }
         pacer.wrote(frames, Instant::now());
     }
+    Box::pin(close(write_half, inbox, chunks)).await;
+}
+
+/// Writes what is left (unless the reader was too slow) and the close frame.
+async fn close(mut write_half: WriteHalf, inbox: Inbox, mut chunks: Vec<Bytes>) {
     let reason = inbox.close_reason().unwrap_or(CloseReason::Normal);
     let (code, text) = reason.close_frame();
     let _ = tokio::time::timeout(CLOSE_GRACE, async {

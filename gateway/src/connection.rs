@@ -12,10 +12,12 @@ use std::io::IoSlice;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Query, Request, State};
+use axum::extract::{Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
+use futures_util::stream::FuturesOrdered;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use serde::Deserialize;
@@ -25,7 +27,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
 use chatcluster_protocol::codec::{self, Encoding};
-use chatcluster_protocol::frame::{ErrorCode, RequestError, ServerFrame};
+use chatcluster_protocol::frame::{ErrorCode, Request, RequestError, ServerFrame};
 
 use crate::api::ApiError;
 use crate::auth::{self, Identity};
@@ -34,6 +36,9 @@ use crate::session::Session;
 use crate::state::Gateway;
 use crate::ws::{self, FrameReader, Incoming, WsError};
 
+/// Publishes (and direct messages) of one connection in flight at once; the
+/// socket is not read while that many wait for Redis.
+const MAX_PIPELINE: usize = 64;
 /// Bytes read from the socket per read at most.
 const READ_CHUNK: usize = 4096;
 /// Queue slots a connection keeps allocated between writes.
@@ -54,7 +59,7 @@ pub struct WsQuery {
 pub async fn upgrade(
     State(gateway): State<Arc<Gateway>>,
     Query(query): Query<WsQuery>,
-    mut request: Request,
+    mut request: axum::extract::Request,
 ) -> Result<Response, ApiError> {
     let reject = |reason: &'static str, error: ApiError| {
         gateway
@@ -298,7 +303,14 @@ async fn run(
         Ok(mut session) => {
             // Boxed, like every step of a connection's life: the task then holds
             // no more than the pointers, whichever step it is in.
-            Box::pin(read_loop(&gateway, &mut read_half, &mut reader, &outbox, &mut session)).await;
+            Box::pin(read_loop(
+                &gateway,
+                &mut read_half,
+                &mut reader,
+                &outbox,
+                &mut session,
+            ))
+            .await;
             Box::pin(session.close()).await;
         }
         Err(error) => {
@@ -348,8 +360,10 @@ async fn read_loop(
         tokio::time::interval_at(Instant::now() + config.ping_interval, config.ping_interval);
     let mut last_seen = Instant::now();
     let mut bad_frames = 0u32;
+    // Publishes (and direct messages) whose Redis work is under way, replies in order.
+    let mut pipeline = FuturesOrdered::new();
     loop {
-        loop {
+        while pipeline.len() < MAX_PIPELINE {
             let incoming = match reader.next_message() {
                 Ok(Some(incoming)) => incoming,
                 Ok(None) => break,
@@ -363,27 +377,47 @@ async fn read_loop(
                 }
             };
             last_seen = Instant::now();
-            match incoming {
+            let (data, is_text) = match incoming {
                 Incoming::Close(_) => {
                     outbox.close(CloseReason::Normal);
                     return;
                 }
                 Incoming::Ping(payload) => {
                     outbox.push(ws::frame(ws::opcode::PONG, &payload), 1, true);
+                    continue;
                 }
-                Incoming::Pong => {}
-                Incoming::Text(data) => {
-                    let handled = request(gateway, outbox, session, &data, true, &mut bad_frames);
-                    if !Box::pin(handled).await {
-                        return;
+                Incoming::Pong => continue,
+                Incoming::Text(data) => (data, true),
+                Incoming::Binary(data) => (data, false),
+            };
+            let request = match decode(outbox.encoding(), &data, is_text) {
+                Ok(request) => {
+                    bad_frames = 0;
+                    match session.start_pipelined(request) {
+                        Ok(pending) => {
+                            pipeline.push_back(pending);
+                            continue;
+                        }
+                        Err(request) => Ok(request),
                     }
                 }
-                Incoming::Binary(data) => {
-                    let handled = request(gateway, outbox, session, &data, false, &mut bad_frames);
-                    if !Box::pin(handled).await {
-                        return;
+                Err(error) => Err(error),
+            };
+            // Anything else waits for the publishes before it, so replies keep their order.
+            while let Some(reply) = pipeline.next().await {
+                outbox.push_frame(&reply);
+            }
+            let open = match request {
+                Ok(request) => {
+                    if let Some(reply) = Box::pin(session.handle(request)).await {
+                        outbox.push_frame(&reply);
                     }
+                    true
                 }
+                Err(error) => refuse(gateway, outbox, error, &mut bad_frames),
+            };
+            if !open {
+                return;
             }
         }
         reader.shrink_if_empty();
@@ -400,7 +434,10 @@ async fn read_loop(
                 }
                 outbox.push(ws::frame(ws::opcode::PING, b""), 1, true);
             }
-            read = read_half.read_into(reader.buffer()) => match read {
+            Some(reply) = pipeline.next(), if !pipeline.is_empty() => {
+                outbox.push_frame(&reply);
+            }
+            read = read_half.read_into(reader.buffer()), if pipeline.len() < MAX_PIPELINE => match read {
                 Ok(0) | Err(_) => return,
                 Ok(_) => {}
             },
@@ -408,16 +445,8 @@ async fn read_loop(
     }
 }
 
-/// Handles one data message; returns whether the connection stays open.
-async fn request(
-    gateway: &Gateway,
-    outbox: &Outbox,
-    session: &mut Session,
-    data: &[u8],
-    is_text: bool,
-    bad_frames: &mut u32,
-) -> bool {
-    let encoding = outbox.encoding();
+/// Decodes one data message as a request of this connection's encoding.
+fn decode(encoding: Encoding, data: &[u8], is_text: bool) -> Result<Request, RequestError> {
     if is_text == encoding.is_binary() {
         let message = format!(
             "this connection speaks {}: send {} frames",
@@ -428,23 +457,13 @@ async fn request(
                 "text"
             }
         );
-        let error = RequestError {
+        return Err(RequestError {
             id: None,
             code: ErrorCode::BadRequest,
             message,
-        };
-        return refuse(gateway, outbox, error, bad_frames);
+        });
     }
-    match codec::decode_request(encoding, data) {
-        Ok(request) => {
-            *bad_frames = 0;
-            if let Some(reply) = session.handle(request).await {
-                outbox.push_frame(&reply);
-            }
-            true
-        }
-        Err(error) => refuse(gateway, outbox, error, bad_frames),
-    }
+    codec::decode_request(encoding, data)
 }
 
 /// Answers a frame that could not be understood; closes the connection after

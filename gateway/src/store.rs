@@ -67,10 +67,8 @@ impl Registry {
 }
 
 struct Scripts {
-    publish: Script,
     read: Script,
     init: Script,
-    direct: Script,
     register: Script,
     join: Script,
     leave: Script,
@@ -106,6 +104,17 @@ impl std::fmt::Debug for Store {
             .field("settings", &self.settings)
             .finish_non_exhaustive()
     }
+}
+
+/// `EVAL` of a script sent whole, followed by its `keys` keys and then its
+/// arguments. Used for the writes a connection may pipeline: `EVALSHA` fails
+/// with `NOSCRIPT` after a Redis restart, and the retries of several in-flight
+/// calls could then run out of order; `EVAL` runs in the order it was sent
+/// (Redis still compiles the script once and caches it by its hash).
+fn in_order(script: &str, keys: usize) -> redis::Cmd {
+    let mut cmd = redis::cmd("EVAL");
+    cmd.arg(script).arg(keys);
+    cmd
 }
 
 fn parse_offset(id: &str) -> Option<u64> {
@@ -160,10 +169,8 @@ impl Store {
             conn,
             settings,
             scripts: std::sync::Arc::new(Scripts {
-                publish: Script::new(scripts::PUBLISH_MESSAGE),
                 read: Script::new(scripts::READ_RANGE),
                 init: Script::new(scripts::INIT_CHANNEL),
-                direct: Script::new(scripts::PUBLISH_DIRECT),
                 register: Script::new(scripts::REGISTER_NAME),
                 join: Script::new(scripts::PRESENCE_JOIN),
                 leave: Script::new(scripts::PRESENCE_LEAVE),
@@ -205,16 +212,15 @@ impl Store {
         let channel = &message.channel;
         let shards = self.settings.shards;
         let mut conn = self.conn.clone();
-        let mut invocation = self.scripts.publish.prepare_invoke();
-        invocation
-            .key(keys::meta_key(channel, shards))
-            .key(keys::history_key(channel, shards))
-            .key(keys::persist_key(keys::shard_of(channel, shards)))
+        let mut eval = in_order(scripts::PUBLISH_MESSAGE, 3);
+        eval.arg(keys::meta_key(channel, shards))
+            .arg(keys::history_key(channel, shards))
+            .arg(keys::persist_key(keys::shard_of(channel, shards)))
             .arg(message.encode())
             .arg(self.settings.history_size)
             .arg(self.ttl_secs())
             .arg(keys::channel_topic(channel));
-        match self.timed(invocation.invoke_async(&mut conn)).await {
+        match self.timed(eval.query_async(&mut conn)).await {
             Err(StoreError::Redis(e)) if e.code() == Some(scripts::NO_EPOCH) => {
                 Err(StoreError::NoEpoch)
             }
@@ -273,13 +279,12 @@ impl Store {
         } else {
             keys::user_topic(&direct.from)
         };
-        let mut invocation = self.scripts.direct.prepare_invoke();
-        invocation
-            .key(keys::persist_key(keys::shard_of(&direct.to, shards)))
+        let mut eval = in_order(scripts::PUBLISH_DIRECT, 1);
+        eval.arg(keys::persist_key(keys::shard_of(&direct.to, shards)))
             .arg(direct.encode())
             .arg(keys::user_topic(&direct.to))
             .arg(sender_topic);
-        self.timed(invocation.invoke_async::<i64>(&mut conn))
+        self.timed(eval.query_async::<i64>(&mut conn))
             .await
             .map(drop)
     }

@@ -172,11 +172,11 @@ mod tests {
             assert_eq!(err.code, ErrorCode::BadRequest, "{frame}");
             assert!(err.message.contains(field), "{frame}: {}", err.message);
         }
-        let ok = decode_request(Encoding::Json, br#"{"op":"ping","clock":9007199254740991}"#)
-            .unwrap();
+        let ok =
+            decode_request(Encoding::Json, br#"{"op":"ping","clock":9007199254740991}"#).unwrap();
         assert_eq!(ok.clock, Some(MAX));
-        let err = decode_request(Encoding::Json, br#"{"op":"ping","id":9007199254740992}"#)
-            .unwrap_err();
+        let err =
+            decode_request(Encoding::Json, br#"{"op":"ping","id":9007199254740992}"#).unwrap_err();
         assert!(err.message.contains("id"), "{}", err.message);
         assert_eq!(err.id, None, "an id out of bounds is not echoed");
         let long_id = format!(r#"{{"op":"ping","id":"{}"}}"#, "i".repeat(65));
@@ -190,10 +190,17 @@ mod tests {
 
     #[test]
     fn names_are_normalised_to_nfc() {
-        let request =
-            decode_request(Encoding::Json, "{\"op\":\"login\",\"user\":\"Jose\u{301}\"}".as_bytes())
-                .unwrap();
-        assert_eq!(request.op, Op::Login { user: "José".into() });
+        let request = decode_request(
+            Encoding::Json,
+            "{\"op\":\"login\",\"user\":\"Jose\u{301}\"}".as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(
+            request.op,
+            Op::Login {
+                user: "José".into()
+            }
+        );
     }
 
     #[test]
@@ -322,15 +329,15 @@ mod tests {
             name().prop_map(|channel| Op::Channel { channel }),
             (proptest::option::of(name()), any::<Option<u32>>())
                 .prop_map(|(cursor, limit)| Op::Channels { cursor, limit }),
-            ".{0,64}".prop_map(|token| Op::Refresh { token: Token(token) }),
-            (
-                name(),
-                proptest::option::of((0..=MAX, "[a-z0-9]{0,12}"))
-            )
-                .prop_map(|(channel, since)| Op::Subscribe {
+            ".{0,64}".prop_map(|token| Op::Refresh {
+                token: Token(token)
+            }),
+            (name(), proptest::option::of((0..=MAX, "[a-z0-9]{0,12}"))).prop_map(
+                |(channel, since)| Op::Subscribe {
                     channel,
                     since: since.map(|(offset, epoch)| Since { offset, epoch }),
-                }),
+                }
+            ),
             name().prop_map(|channel| Op::Unsubscribe { channel }),
             (name(), ".{0,64}").prop_map(|(channel, text)| Op::Publish { channel, text }),
             (name(), ".{0,64}").prop_map(|(to, text)| Op::Message { to, text }),

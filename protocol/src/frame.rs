@@ -248,8 +248,18 @@ impl TryFrom<RawRequest> for Request {
             bound("since.offset", Some(since.offset))?;
             short(&id, "since.epoch", Some(&since.epoch), MAX_EPOCH_BYTES)?;
         }
-        short(&id, "cursor", raw.cursor.as_deref(), validate::MAX_CHANNEL_LEN)?;
-        short(&id, "token", raw.token.as_ref().map(|t| t.0.as_str()), MAX_TOKEN_BYTES)?;
+        short(
+            &id,
+            "cursor",
+            raw.cursor.as_deref(),
+            validate::MAX_CHANNEL_LEN,
+        )?;
+        short(
+            &id,
+            "token",
+            raw.token.as_ref().map(|t| t.0.as_str()),
+            MAX_TOKEN_BYTES,
+        )?;
         let need = |field: &str, value: Option<String>| required(&name, field, value, &id);
         // One spelling per name: NFC (see `validate`).
         let (user, channel, to) = (
@@ -298,9 +308,9 @@ impl TryFrom<RawRequest> for Request {
             },
             "ping" => Op::Ping,
             "refresh" => Op::Refresh {
-                token: raw
-                    .token
-                    .ok_or_else(|| RequestError::bad_request(id.clone(), "refresh needs \"token\""))?,
+                token: raw.token.ok_or_else(|| {
+                    RequestError::bad_request(id.clone(), "refresh needs \"token\"")
+                })?,
             },
             other => {
                 let shown: String = other.chars().take(32).collect();
@@ -355,7 +365,10 @@ fn short(
     match value {
         Some(value) if value.len() > max => Err(RequestError::bad_request(
             id.clone(),
-            format!("\"{field}\" is {} bytes, more than the limit of {max}", value.len()),
+            format!(
+                "\"{field}\" is {} bytes, more than the limit of {max}",
+                value.len()
+            ),
         )),
         _ => Ok(()),
     }

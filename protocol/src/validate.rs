@@ -297,19 +297,19 @@ mod tests {
     #[test]
     fn controls_spaces_and_look_alike_separators_are_refused() {
         for bad in [
-            "a\u{7f}b",     // DEL
-            "a\u{200b}b",   // zero-width space
-            "a\u{200d}b",   // zero-width joiner
-            "a\u{202e}b",   // right-to-left override
-            "a\u{a0}b",     // no-break space
-            "a\u{2236}b",   // ratio, looks like ':'
-            "a\u{ff1a}b",   // full-width colon
-            "a\u{2024}b",   // one dot leader, looks like '.'
-            "a\u{2010}b",   // hyphen, looks like '-'
-            "a\u{2215}b",   // division slash, looks like '/'
-            "a\u{ff0f}b",   // full-width solidus
-            "a\u{2044}b",   // fraction slash
-            "a\u{fe55}b",   // small colon
+            "a\u{7f}b",   // DEL
+            "a\u{200b}b", // zero-width space
+            "a\u{200d}b", // zero-width joiner
+            "a\u{202e}b", // right-to-left override
+            "a\u{a0}b",   // no-break space
+            "a\u{2236}b", // ratio, looks like ':'
+            "a\u{ff1a}b", // full-width colon
+            "a\u{2024}b", // one dot leader, looks like '.'
+            "a\u{2010}b", // hyphen, looks like '-'
+            "a\u{2215}b", // division slash, looks like '/'
+            "a\u{ff0f}b", // full-width solidus
+            "a\u{2044}b", // fraction slash
+            "a\u{fe55}b", // small colon
         ] {
             let error = channel_name(bad).unwrap_err();
             assert!(

@@ -339,6 +339,20 @@ async fn read_loop(
     let mut last_seen = Instant::now();
     let mut bad_frames = 0u32;
     loop {
+        // A client over its op budget is not read (nor its buffered frames
+        // handled) until the budget is out of debt.
+        let debt = session.debt_wait();
+        if !debt.is_zero() {
+            tokio::select! {
+                () = outbox.closed() => return,
+                () = gateway.closing.cancelled() => {
+                    outbox.close(CloseReason::Shutdown);
+                    return;
+                }
+                () = tokio::time::sleep(debt) => {}
+            }
+        }
+        let mut in_debt = false;
         loop {
             let incoming = match reader.next_message() {
                 Ok(Some(incoming)) => incoming,
@@ -373,20 +387,15 @@ async fn read_loop(
                     }
                 }
             }
-        }
-        reader.shrink_if_empty();
-        // A client over its op budget is not read until the budget is out of debt.
-        let debt = session.debt_wait();
-        if !debt.is_zero() {
-            tokio::select! {
-                () = outbox.closed() => return,
-                () = gateway.closing.cancelled() => {
-                    outbox.close(CloseReason::Shutdown);
-                    return;
-                }
-                () = tokio::time::sleep(debt) => {}
+            if !session.debt_wait().is_zero() {
+                in_debt = true;
+                break;
             }
         }
+        if in_debt {
+            continue;
+        }
+        reader.shrink_if_empty();
         let expiry = session.expiry().map(deadline_of);
         tokio::select! {
             () = outbox.closed() => return,

@@ -8,34 +8,49 @@ use std::ops::Deref;
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
 
-impl Secret {
-    /// The secret itself.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
+/// A URL that may hold a password (`redis://:pw@host`,
+/// `postgres://user:pw@host/db?password=pw`): `Debug` and `Display` show it
+/// with the password and secret-looking query values replaced by `***`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretUrl(String);
+
+/// What both wrappers share: built from a string (clap parses them with
+/// `FromStr`), read through `as_str` or `Deref`.
+macro_rules! string_wrapper {
+    ($name:ident) => {
+        impl $name {
+            /// The value itself, secret included.
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl From<String> for $name {
+            fn from(value: String) -> Self {
+                Self(value)
+            }
+        }
+
+        impl std::str::FromStr for $name {
+            type Err = std::convert::Infallible;
+
+            fn from_str(value: &str) -> Result<Self, Self::Err> {
+                Ok(Self(value.to_owned()))
+            }
+        }
+
+        impl Deref for $name {
+            type Target = str;
+
+            fn deref(&self) -> &str {
+                &self.0
+            }
+        }
+    };
 }
 
-impl From<String> for Secret {
-    fn from(value: String) -> Self {
-        Self(value)
-    }
-}
-
-impl std::str::FromStr for Secret {
-    type Err = std::convert::Infallible;
-
-    fn from_str(value: &str) -> Result<Self, Self::Err> {
-        Ok(Self(value.to_owned()))
-    }
-}
-
-impl Deref for Secret {
-    type Target = str;
-
-    fn deref(&self) -> &str {
-        &self.0
-    }
-}
+string_wrapper!(Secret);
+string_wrapper!(SecretUrl);
 
 impl std::fmt::Debug for Secret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -43,43 +58,10 @@ impl std::fmt::Debug for Secret {
     }
 }
 
-/// A URL that may hold a password (`redis://:pw@host`,
-/// `postgres://user:pw@host/db?password=pw`): `Debug` and `Display` show it
-/// with the password and secret-looking query values replaced by `***`.
-#[derive(Clone, PartialEq, Eq)]
-pub struct SecretUrl(String);
-
 impl SecretUrl {
-    /// The URL itself, password included.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-
     /// The URL with its secrets replaced by `***`.
     pub fn redacted(&self) -> String {
         redact_url(&self.0)
-    }
-}
-
-impl From<String> for SecretUrl {
-    fn from(value: String) -> Self {
-        Self(value)
-    }
-}
-
-impl std::str::FromStr for SecretUrl {
-    type Err = std::convert::Infallible;
-
-    fn from_str(value: &str) -> Result<Self, Self::Err> {
-        Ok(Self(value.to_owned()))
-    }
-}
-
-impl Deref for SecretUrl {
-    type Target = str;
-
-    fn deref(&self) -> &str {
-        &self.0
     }
 }
 

@@ -19,12 +19,7 @@ use tokio_tungstenite::tungstenite::{self, Message};
 const SECRET: &str = "guard-secret";
 
 fn token(claims: Value) -> String {
-    jsonwebtoken::encode(
-        &jsonwebtoken::Header::default(),
-        &claims,
-        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
-    )
-    .unwrap()
+    jwt(&claims, SECRET)
 }
 
 fn now() -> i64 {
@@ -45,6 +40,17 @@ fn jwt_gateway(redis: &RedisServer, extra: &[(&str, &str)]) -> Gateway {
 async fn connect_with(url: &str, jwt: &str) -> Result<Client, tungstenite::Error> {
     let auth = format!("Bearer {jwt}");
     try_connect(url, Encoding::Json, &[("Authorization", auth.as_str())]).await
+}
+
+/// `GET path` with an optional `Authorization` value; the status and the JSON body.
+async fn get(port: u16, path: &str, authorization: Option<&str>) -> (u16, Value) {
+    let headers: Vec<(&str, &str)> = authorization
+        .map(|value| ("Authorization", value))
+        .into_iter()
+        .collect();
+    let (status, body) = http(port, "GET", path, &headers, "").await;
+    let body = serde_json::from_str(&body).unwrap_or(Value::String(body));
+    (status, body)
 }
 
 fn http_status(result: Result<Client, tungstenite::Error>) -> u16 {
@@ -70,70 +76,28 @@ async fn http_reads_need_a_token_or_the_api_key_and_respect_the_channels_claim()
     let bearer = format!("Bearer {limited}");
 
     // No credential, a bad one: 401 with a JSON body.
-    for headers in [vec![], vec![("Authorization", "Bearer nope")]] {
+    for credential in [None, Some("Bearer nope")] {
         for path in ["/api/channels", "/api/channels/team.a/messages"] {
-            let (status, body) = http(port, "GET", path, &headers, "").await;
+            let (status, body) = get(port, path, credential).await;
             assert_eq!(status, 401, "{path}: {body}");
-            let body: Value = serde_json::from_str(&body).unwrap();
             assert_eq!(body["code"], "unauthorized");
         }
     }
     // A token lists only what its claim allows; the API key lists everything.
-    let (status, body) = http(
-        port,
-        "GET",
-        "/api/channels",
-        &[("Authorization", &bearer)],
-        "",
-    )
-    .await;
+    let (status, body) = get(port, "/api/channels", Some(&bearer)).await;
     assert_eq!(status, 200, "{body}");
-    assert_eq!(
-        serde_json::from_str::<Value>(&body).unwrap(),
-        json!({"channels": ["team.a", "team.b"]})
-    );
-    let (status, body) = http(
-        port,
-        "GET",
-        "/api/channels",
-        &[("Authorization", "Bearer k3y")],
-        "",
-    )
-    .await;
+    assert_eq!(body, json!({"channels": ["team.a", "team.b"]}));
+    let (status, body) = get(port, "/api/channels", Some("Bearer k3y")).await;
     assert_eq!(status, 200);
-    assert_eq!(
-        serde_json::from_str::<Value>(&body).unwrap()["channels"],
-        json!(["secret", "team.a", "team.b"])
-    );
+    assert_eq!(body["channels"], json!(["secret", "team.a", "team.b"]));
     // `?token=` works as on the WebSocket.
-    let (status, _) = http(
-        port,
-        "GET",
-        &format!("/api/channels?token={limited}"),
-        &[],
-        "",
-    )
-    .await;
+    let (status, _) = get(port, &format!("/api/channels?token={limited}"), None).await;
     assert_eq!(status, 200);
     // History of a channel outside the claim: 403; inside it the read goes on
     // (503 here: this gateway has no database).
-    let (status, body) = http(
-        port,
-        "GET",
-        "/api/channels/secret/messages",
-        &[("Authorization", &bearer)],
-        "",
-    )
-    .await;
+    let (status, body) = get(port, "/api/channels/secret/messages", Some(&bearer)).await;
     assert_eq!(status, 403, "{body}");
-    let (status, _) = http(
-        port,
-        "GET",
-        "/api/channels/team.a/messages",
-        &[("Authorization", &bearer)],
-        "",
-    )
-    .await;
+    let (status, _) = get(port, "/api/channels/team.a/messages", Some(&bearer)).await;
     assert_eq!(status, 503);
 
     // The claim on every channel op of the socket.
@@ -506,24 +470,18 @@ async fn users_and_channels_are_paged_by_cursor() {
 
     // The HTTP list pages the same way.
     let port = gateway.port.unwrap();
-    let (status, body) = http(port, "GET", "/api/channels?limit=3", &[], "").await;
+    let (status, page) = get(port, "/api/channels?limit=3", None).await;
     assert_eq!(status, 200);
-    let page: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(page["channels"], json!(expected[..3]));
-    let (_, body) = http(
+    let cursor = page["cursor"].as_str().unwrap();
+    let (_, next) = get(
         port,
-        "GET",
-        &format!(
-            "/api/channels?limit=3&cursor={}",
-            page["cursor"].as_str().unwrap()
-        ),
-        &[],
-        "",
+        &format!("/api/channels?limit=3&cursor={cursor}"),
+        None,
     )
     .await;
-    let next: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(next["channels"], json!(expected[3..6]));
-    let (status, _) = http(port, "GET", "/api/channels?limit=11", &[], "").await;
+    let (status, _) = get(port, "/api/channels?limit=11", None).await;
     assert_eq!(status, 400);
 }
 

@@ -6,9 +6,12 @@
 //! A connection's ops draw on one token bucket (`OP_RATE` units per second,
 //! `OP_BURST` at once); `publish` and `message` draw on the message bucket
 //! (`PUBLISH_RATE`) instead, which is the budget's second bucket. An op the
-//! budget cannot pay for is answered `rate_limited`, and the refusal itself
-//! (like a malformed frame) is charged one unit, which may put the bucket in
-//! debt: while it is, the connection's socket is not read, so a client that
+//! budget cannot pay for yet waits until it can, up to `OP_WAIT`, with the
+//! connection unread meanwhile (a client that pipelines is slowed down, not
+//! refused); an op that would wait longer is answered `rate_limited`, and
+//! that refusal (like a malformed frame, or a refused `publish` or
+//! `message`: no request is free) is charged one unit, which may put
+//! the bucket in debt: while it is, the socket is not read, so a client that
 //! ignores `rate_limited` is slowed down by TCP instead of costing CPU.
 
 use std::collections::HashMap;

@@ -122,14 +122,18 @@ pub struct Config {
     pub publish_burst: f64,
     /// Cost units per second of one connection's op budget (ping 1, presence 2,
     /// login, refresh and unsubscribe 5, subscribe, channel, users, channels and
-    /// history 10; publish and message use the message rate instead). Over it:
-    /// `rate_limited`, and a client that keeps sending is read no faster than
-    /// the budget refills.
+    /// history 10; publish and message use the message rate instead). An op
+    /// waits up to OP_WAIT for the budget, else gets `rate_limited`; a client
+    /// that keeps sending is read no faster than the budget refills.
     #[arg(long, env = "OP_RATE", default_value_t = 200.0)]
     pub op_rate: f64,
     /// Cost units one connection may spend at once above the op rate.
     #[arg(long, env = "OP_BURST", default_value_t = 400.0)]
     pub op_burst: f64,
+    /// Longest an op waits for the op budget to refill (the connection is not
+    /// read meanwhile); an op that would wait longer gets `rate_limited`.
+    #[arg(long, env = "OP_WAIT", default_value = "1s", value_parser = parse_duration)]
+    pub op_wait: Duration,
     /// Connections one user may hold open on this process (more: HTTP 429 at the
     /// upgrade in JWT mode, `limit_exceeded` at `login`); 0 means no limit.
     #[arg(long, env = "MAX_USER_CONNECTIONS", default_value_t = 100)]

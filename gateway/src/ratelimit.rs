@@ -53,6 +53,20 @@ impl TokenBucket {
         }
     }
 
+    /// How long until `cost` tokens are there (zero when they are now).
+    pub fn wait_for(&mut self, cost: f64) -> Duration {
+        self.wait_for_at(cost, Instant::now())
+    }
+
+    fn wait_for_at(&mut self, cost: f64, now: Instant) -> Duration {
+        self.refill(now);
+        if self.tokens >= cost {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64((cost - self.tokens) / self.rate)
+        }
+    }
+
     /// Charges `cost` tokens whether or not they are there (down to `-burst`).
     pub fn charge(&mut self, cost: f64) {
         self.charge_at(cost, Instant::now());
@@ -69,12 +83,7 @@ impl TokenBucket {
     }
 
     fn debt_wait_at(&mut self, now: Instant) -> Duration {
-        self.refill(now);
-        if self.tokens >= 0.0 {
-            Duration::ZERO
-        } else {
-            Duration::from_secs_f64(-self.tokens / self.rate)
-        }
+        self.wait_for_at(0.0, now)
     }
 }
 

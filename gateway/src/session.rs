@@ -2,8 +2,8 @@
 //! handling of every protocol operation.
 //!
 //! Before an op runs it is paid for from the connection's op budget (see
-//! [`crate::budget`]); an op the budget cannot pay for is answered
-//! `rate_limited` without touching a backend. In JWT mode the session ends
+//! [`crate::budget`]): it waits for the budget to refill (up to `OP_WAIT`),
+//! or is answered `rate_limited` without touching a backend. In JWT mode the session ends
 //! when its token expires ([`Session::expiry`]) unless `refresh` replaced it.
 //!
 //! A `subscribe` is answered by the channel's sequencer (see
@@ -123,25 +123,32 @@ impl Session {
         self.budget.debt_wait()
     }
 
-    /// Pays for `op` from the op budget; `rate_limited` (and one unit charged)
-    /// when it cannot.
-    fn pay(&mut self, op: &Op) -> Result<(), OpError> {
+    /// Pays for `op` from the op budget, waiting for it to refill when that
+    /// takes at most `OP_WAIT` (the connection is not read meanwhile);
+    /// `rate_limited` (and one unit charged) when it would take longer.
+    async fn pay(&mut self, op: &Op) -> Result<(), OpError> {
         let Some(cost) = budget::cost(op) else {
             return Ok(());
         };
-        if self.budget.try_take(cost) {
-            return Ok(());
+        let config = &self.gateway.config;
+        let wait = self.budget.wait_for(cost);
+        if wait > config.op_wait {
+            self.budget.charge(budget::REFUSAL_COST);
+            return Err(OpError::new(
+                ErrorCode::RateLimited,
+                format!(
+                    "over this connection's op budget ({} units/s, burst {}; {} costs {cost}); slow down",
+                    config.op_rate,
+                    config.op_burst,
+                    op.name()
+                ),
+            ));
         }
-        self.budget.charge(budget::REFUSAL_COST);
-        Err(OpError::new(
-            ErrorCode::RateLimited,
-            format!(
-                "over this connection's op budget ({} units/s, burst {}; {} costs {cost}); slow down",
-                self.gateway.config.op_rate,
-                self.gateway.config.op_burst,
-                op.name()
-            ),
-        ))
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+        self.budget.charge(cost);
+        Ok(())
     }
 
     /// Handles one request; returns the reply to queue, or `None` when the
@@ -155,7 +162,9 @@ impl Session {
             .get_or_create(&[("op", op_name)])
             .inc();
         let id = request.id;
-        if let Err(error) = self.pay(&request.op) {
+        // Ops paid from the message bucket cost the op budget only when refused.
+        let unpaid = budget::cost(&request.op).is_none();
+        if let Err(error) = self.pay(&request.op).await {
             return Some(self.error_frame(id, clock, error));
         }
         let result = match request.op {
@@ -192,7 +201,12 @@ impl Session {
         match result {
             Ok(Done::Reply(data)) => Some(ServerFrame::Ok { id, clock, data }),
             Ok(Done::Queued) => None,
-            Err(error) => Some(self.error_frame(id, clock, error)),
+            Err(error) => {
+                if unpaid {
+                    self.budget.charge(budget::REFUSAL_COST);
+                }
+                Some(self.error_frame(id, clock, error))
+            }
         }
     }
 

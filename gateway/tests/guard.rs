@@ -296,16 +296,51 @@ async fn unicode_names_are_accepted_normalised_and_too_long_is_an_error() {
 }
 
 #[tokio::test]
-async fn the_op_budget_answers_rate_limited_then_recovers() {
+async fn ops_wait_for_the_op_budget_then_are_refused_past_op_wait() {
     let redis = RedisServer::start();
     let gateway = Gateway::start(
         &redis.url(),
         GatewayOptions::default()
             .env("OP_RATE", "20")
-            .env("OP_BURST", "25"),
+            .env("OP_BURST", "25")
+            .env("OP_WAIT", "1s"),
     );
     let mut client = login(&gateway.ws_url(), Encoding::Json, "busy").await;
-    // Login took 5 units; 10 each: the rest holds two subscribes, not three.
+    // Login took 5 units, two subscribes take the other 20; the third waits
+    // half a second for its 10 units.
+    client.ok(json!({"op": "subscribe", "channel": "a"})).await;
+    client.ok(json!({"op": "subscribe", "channel": "b"})).await;
+    let started = Instant::now();
+    client.ok(json!({"op": "subscribe", "channel": "c"})).await;
+    assert!(
+        started.elapsed() >= Duration::from_millis(400),
+        "{:?}",
+        started.elapsed()
+    );
+    // A pipelined burst is slowed down, not refused: 30 pings at 20 per second.
+    let started = Instant::now();
+    for _ in 0..30 {
+        client.send(json!({"op": "ping"})).await;
+    }
+    for _ in 0..30 {
+        let reply = client.next_frame(WAIT).await.unwrap();
+        assert_eq!(reply["type"], "ok", "{reply}");
+    }
+    assert!(
+        started.elapsed() >= Duration::from_millis(1200),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // When the wait would be longer than OP_WAIT: rate_limited.
+    let slow = Gateway::start(
+        &redis.url(),
+        GatewayOptions::default()
+            .env("OP_RATE", "5")
+            .env("OP_BURST", "25")
+            .env("OP_WAIT", "1s"),
+    );
+    let mut client = login(&slow.ws_url(), Encoding::MsgPack, "slow").await;
     client.ok(json!({"op": "subscribe", "channel": "a"})).await;
     client.ok(json!({"op": "subscribe", "channel": "b"})).await;
     let (code, message) = client.err(json!({"op": "subscribe", "channel": "c"})).await;
@@ -315,22 +350,19 @@ async fn the_op_budget_answers_rate_limited_then_recovers() {
     client
         .ok(json!({"op": "publish", "channel": "a", "text": "x"}))
         .await;
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    tokio::time::sleep(Duration::from_millis(2300)).await;
     client.ok(json!({"op": "subscribe", "channel": "c"})).await;
-
-    // A client that ignores rate_limited is read no faster than the budget refills.
+    // A client that ignores rate_limited is read no faster than refusals refill.
     let started = Instant::now();
-    let mut limited = 0;
-    for _ in 0..100 {
-        let reply = client.request(json!({"op": "ping"})).await;
-        if reply["code"] == "rate_limited" {
-            limited += 1;
-        }
+    for n in 0..15 {
+        let (code, _) = client
+            .err(json!({"op": "subscribe", "channel": format!("x{n}")}))
+            .await;
+        assert_eq!(code, "rate_limited");
     }
-    assert!(limited > 0);
     assert!(
         started.elapsed() >= Duration::from_secs(2),
-        "100 units at 20/s take seconds, took {:?}",
+        "15 refusals at 5 units/s take seconds, took {:?}",
         started.elapsed()
     );
 }

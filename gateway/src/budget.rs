@@ -71,13 +71,6 @@ impl Drop for UserSlot {
     }
 }
 
-impl UserSlot {
-    /// The user holding the slot.
-    pub fn user(&self) -> &str {
-        &self.user
-    }
-}
-
 impl UserConnections {
     /// At most `max` connections per user; 0 means no limit.
     pub fn new(max: u32) -> Arc<Self> {
@@ -113,7 +106,8 @@ impl UserConnections {
     }
 
     /// Open connections of `user`.
-    pub fn count(&self, user: &str) -> u32 {
+    #[cfg(test)]
+    fn count(&self, user: &str) -> u32 {
         self.shard(user).get(user).copied().unwrap_or(0)
     }
 

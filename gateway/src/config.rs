@@ -232,7 +232,7 @@ impl Config {
         if self.auth_mode == AuthMode::Jwt && self.jwt_secret.as_deref().is_none_or(str::is_empty) {
             return Err("--auth-mode jwt needs --jwt-secret (JWT_SECRET)".into());
         }
-        if self.publish_rate <= 0.0 || self.publish_burst < 1.0 {
+        if !(self.publish_rate > 0.0 && self.publish_burst >= 1.0) {
             return Err("--publish-rate must be > 0 and --publish-burst >= 1".into());
         }
         if !(self.op_rate > 0.0 && self.op_burst >= crate::budget::MAX_COST) {

@@ -63,7 +63,7 @@ impl TokenBucket {
         if self.tokens >= cost {
             Duration::ZERO
         } else {
-            Duration::from_secs_f64((cost - self.tokens) / self.rate)
+            Duration::try_from_secs_f64((cost - self.tokens) / self.rate).unwrap_or(Duration::MAX)
         }
     }
 

@@ -14,7 +14,10 @@ fuzz_target!(|data: &[u8]| {
     match selector % 4 {
         0 => {
             if let Ok(message) = StoredMessage::decode(rest) {
-                assert_eq!(StoredMessage::decode(&message.encode()), Ok(message.clone()));
+                assert_eq!(
+                    StoredMessage::decode(&message.encode()),
+                    Ok(message.clone())
+                );
                 let pushed = message.into_channel_message(7);
                 assert_eq!(pushed.offset, 7);
             }
@@ -33,12 +36,13 @@ fuzz_target!(|data: &[u8]| {
         _ => {
             // Field/value pairs separated by 0xFF.
             let parts: Vec<&[u8]> = rest.split(|&b| b == 0xFF).collect();
-            let fields = parts.chunks(2).map(|pair| (pair[0], pair.get(1).copied().unwrap_or(b"")));
+            let fields = parts
+                .chunks(2)
+                .map(|pair| (pair[0], pair.get(1).copied().unwrap_or(b"")));
             if let Ok(entry) = PersistEntry::decode(fields) {
                 let encoded = entry.fields();
-                let again = PersistEntry::decode(
-                    encoded.iter().map(|(k, v)| (k.as_bytes(), v.as_slice())),
-                );
+                let again =
+                    PersistEntry::decode(encoded.iter().map(|(k, v)| (k.as_bytes(), v.as_slice())));
                 assert_eq!(again, Ok(entry));
             }
         }

@@ -61,7 +61,10 @@ fuzz_target!(|data: &[u8]| {
     let plain = codec::encode(encoding, &frame);
     let back: ServerFrame<serde_json::Value> =
         codec::decode(encoding, &plain).expect("server frames decode");
-    assert!(matches!(back, ServerFrame::Ok { .. } | ServerFrame::Error { .. }));
+    assert!(matches!(
+        back,
+        ServerFrame::Ok { .. } | ServerFrame::Error { .. }
+    ));
 });
 
 /// What a session checks before any backend call.
@@ -100,7 +103,9 @@ fn handle(op: &Op) -> Result<(), ValidationError> {
             validate::text(text, max_text)
         }
         Op::History {
-            channel, before, limit,
+            channel,
+            before,
+            limit,
         } => {
             assert!(before.is_none_or(|b| b <= MAX_SAFE_INTEGER));
             validate::channel_name(channel)?;

@@ -31,7 +31,9 @@ fuzz_target!(|data: &[u8]| {
     let args: Vec<&[u8]> = bytes.split(|&b| b == 0).collect();
     let mut out = BytesMut::new();
     resp::encode_command(&mut out, &args);
-    let parsed = resp::parse(&mut out).expect("own encoding parses").expect("complete");
+    let parsed = resp::parse(&mut out)
+        .expect("own encoding parses")
+        .expect("complete");
     let expected = Value::Array(Some(
         args.iter()
             .map(|a| Value::Bulk(Some(Bytes::copy_from_slice(a))))

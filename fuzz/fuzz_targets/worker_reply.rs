@@ -13,7 +13,11 @@ fuzz_target!(|data: &[u8]| {
     let Ok(value) = redis::parse_redis_value(data) else {
         return;
     };
-    let shard_of = |key: &str| key.strip_prefix("cc:{s").and_then(|k| k.strip_suffix("}:persist")).and_then(|n| n.parse().ok());
+    let shard_of = |key: &str| {
+        key.strip_prefix("cc:{s")
+            .and_then(|k| k.strip_suffix("}:persist"))
+            .and_then(|n| n.parse().ok())
+    };
     let mut entries = Vec::new();
     if let Ok(read) = reply::parse_read(value.clone(), shard_of) {
         entries.extend(read);

@@ -562,3 +562,34 @@ async fn a_blocked_history_query_is_cancelled_by_the_statement_timeout() {
         .ok(json!({"op": "history", "channel": "locked"}))
         .await;
 }
+
+#[tokio::test]
+async fn debug_output_of_the_whole_gateway_holds_no_secret() {
+    use clap::Parser;
+    let config = chatcluster_gateway::Config::parse_from([
+        "gw",
+        "--auth-mode",
+        "jwt",
+        "--jwt-secret",
+        "jwt-s3cret-value",
+        "--api-key",
+        "api-k3y-value",
+        "--redis-url",
+        "redis://default:redis-passw0rd@127.0.0.1:1",
+        "--database-url",
+        "postgres://chat:pg-passw0rd@127.0.0.1:1/chat",
+    ]);
+    let background = tokio_util::sync::CancellationToken::new();
+    let gateway = chatcluster_gateway::state::Gateway::start(config, &background).unwrap();
+    let shown = format!("{gateway:?} {gateway:#?}");
+    background.cancel();
+    for secret in [
+        "jwt-s3cret-value",
+        "api-k3y-value",
+        "redis-passw0rd",
+        "pg-passw0rd",
+    ] {
+        assert!(!shown.contains(secret), "{secret} in {shown}");
+    }
+    assert!(shown.contains("127.0.0.1:1"), "{shown}");
+}

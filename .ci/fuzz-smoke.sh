@@ -28,6 +28,6 @@ for target in $targets; do
     # The corpus grows in a scratch directory; the committed seeds are only read.
     cargo fuzz run --sanitizer none --release "$target" "$scratch" "seeds/$target" -- \
         -max_total_time="$seconds" -max_len=4096 -timeout=10 -print_final_stats=1 2>&1 \
-        | grep -E "^#[0-9]+ +DONE|^stat::number_of_executed_units|panicked|ERROR|SUMMARY|Test unit written"
+        | grep -E "^#[0-9]+[[:space:]]+DONE|^stat::number_of_executed_units|panicked|ERROR|SUMMARY|Test unit written"
     rm -rf "$scratch"
 done

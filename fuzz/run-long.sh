@@ -13,6 +13,6 @@ for target in $TARGETS; do
   start=$(date +%s)
   cargo fuzz run --sanitizer none --release "$target" "corpus/$target" "seeds/$target" -- \
     -runs="$RUNS" -max_len=4096 -timeout=10 -print_final_stats=1 2>&1 \
-    | tee "/tmp/fuzz-$target.log" | grep -E "^#[0-9]+ +DONE|^stat::number_of_executed_units|panicked|ERROR|SUMMARY" || true
+    | tee "/tmp/fuzz-$target.log" | grep -E "^#[0-9]+[[:space:]]+DONE|^stat::number_of_executed_units|panicked|ERROR|SUMMARY" || true
   echo "$target: $(( $(date +%s) - start )) s"
 done

@@ -507,15 +507,10 @@ async fn hostile_clients_do_not_hurt_well_behaved_ones() {
     for subscriber in subscribers {
         subscriber.await.unwrap();
     }
-    let Storm {
-        flood,
-        opened,
-        refusal,
-        user_limited,
-        garbage,
-        greedy_ok,
-        greedy_refused,
-    } = storm.join().unwrap();
+    let storm = storm.join().unwrap();
+    let (flood, garbage) = (&storm.flood, &storm.garbage);
+    let (greedy_ok, greedy_refused) = (storm.greedy_ok, storm.greedy_refused);
+    let (opened, refusal, user_limited) = (storm.opened, storm.refusal, storm.user_limited);
     sampler.await.unwrap();
     println!(
         "hostile clients stopped {:?} after the storm",

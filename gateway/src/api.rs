@@ -1,5 +1,9 @@
 //! The HTTP API: channel list, history pages, server-side publish, and the
 //! JSON error body every HTTP error uses.
+//!
+//! The read routes take the same credentials as the WebSocket (in JWT mode a
+//! bearer JWT, or `?token=`, whose `channels` claim applies; or the API key);
+//! publishing takes the API key.
 
 use std::sync::Arc;
 
@@ -13,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use chatcluster_protocol::frame::{ChannelMessage, ErrorCode, PublishReply};
 use chatcluster_protocol::validate;
 
-use crate::auth;
+use crate::auth::{self, Identity};
 use crate::state::{Gateway, OpError};
 use crate::store::Registry;
 
@@ -59,7 +63,7 @@ impl From<OpError> for ApiError {
             ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
             ErrorCode::Forbidden => StatusCode::FORBIDDEN,
             ErrorCode::NotFound => StatusCode::NOT_FOUND,
-            ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            ErrorCode::RateLimited | ErrorCode::LimitExceeded => StatusCode::TOO_MANY_REQUESTS,
             ErrorCode::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -72,18 +76,76 @@ impl From<OpError> for ApiError {
 #[derive(Debug, Serialize)]
 pub struct ChannelList {
     channels: Vec<String>,
+    /// Where the next page starts; absent on the last page.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cursor: Option<String>,
 }
 
-/// `GET /api/channels`.
+/// Query of `GET /api/channels`.
+#[derive(Debug, Deserialize)]
+pub struct ListQuery {
+    cursor: Option<String>,
+    limit: Option<u32>,
+    token: Option<String>,
+}
+
+/// The bearer credential of a request: the `Authorization` header, else `?token=`.
+fn credential<'a>(headers: &'a HeaderMap, query_token: Option<&'a str>) -> Option<&'a str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(auth::bearer)
+        .or(query_token)
+}
+
+/// Who reads: `None` is unrestricted (`AUTH_MODE=none`, or the API key).
+fn reader(
+    gateway: &Gateway,
+    headers: &HeaderMap,
+    query_token: Option<&str>,
+) -> Result<Option<Identity>, ApiError> {
+    gateway
+        .auth
+        .authorize_read(credential(headers, query_token))
+        .map_err(|error| {
+            ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                ErrorCode::Unauthorized,
+                error.to_string(),
+            )
+        })
+}
+
+fn bad_query(rejection: &axum::extract::rejection::QueryRejection) -> ApiError {
+    ApiError::new(
+        StatusCode::BAD_REQUEST,
+        ErrorCode::BadRequest,
+        rejection.body_text(),
+    )
+}
+
+/// `GET /api/channels?cursor=&limit=`: a page of channel names (only those
+/// the reader's token allows).
 pub async fn list_channels(
     State(gateway): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<ChannelList>, ApiError> {
-    let channels = gateway
-        .store
-        .list(Registry::Channels)
-        .await
-        .map_err(OpError::from)?;
-    Ok(Json(ChannelList { channels }))
+    let Query(query) = query.map_err(|e| bad_query(&e))?;
+    let reader = reader(&gateway, &headers, query.token.as_deref())?;
+    let cursor = query.cursor.map(validate::nfc_owned);
+    if let Some(cursor) = &cursor {
+        validate::channel_name(cursor).map_err(OpError::from)?;
+    }
+    let (channels, cursor) = gateway
+        .list_page(
+            Registry::Channels,
+            cursor.as_deref(),
+            query.limit,
+            reader.as_ref(),
+        )
+        .await?;
+    Ok(Json(ChannelList { channels, cursor }))
 }
 
 /// Query of `GET /api/channels/{channel}/messages`.
@@ -91,6 +153,7 @@ pub async fn list_channels(
 pub struct PageQuery {
     before: Option<u64>,
     limit: Option<u32>,
+    token: Option<String>,
 }
 
 /// `GET /api/channels/{channel}/messages` reply.
@@ -104,16 +167,27 @@ pub struct MessagePage {
 pub async fn channel_messages(
     State(gateway): State<Arc<Gateway>>,
     Path(channel): Path<String>,
+    headers: HeaderMap,
     query: Result<Query<PageQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<MessagePage>, ApiError> {
-    let Query(query) = query.map_err(|e| {
-        ApiError::new(
+    let Query(query) = query.map_err(|e| bad_query(&e))?;
+    let reader = reader(&gateway, &headers, query.token.as_deref())?;
+    let channel = validate::nfc_owned(channel);
+    validate::channel_name(&channel).map_err(OpError::from)?;
+    if reader.as_ref().is_some_and(|r| !r.may_use(&channel)) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            ErrorCode::Forbidden,
+            format!("your token does not allow channel {channel:?}"),
+        ));
+    }
+    if query.before.is_some_and(|b| b > validate::MAX_SAFE_INTEGER) {
+        return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             ErrorCode::BadRequest,
-            e.body_text(),
-        )
-    })?;
-    validate::channel_name(&channel).map_err(OpError::from)?;
+            "before must be at most 2^53-1",
+        ));
+    }
     let limit = validate::history_limit(query.limit).map_err(OpError::from)?;
     let messages = gateway.read_history(&channel, query.before, limit).await?;
     Ok(Json(MessagePage { channel, messages }))
@@ -133,18 +207,14 @@ pub async fn post_message(
     headers: HeaderMap,
     body: Result<Json<PostMessage>, JsonRejection>,
 ) -> Result<(StatusCode, Json<PublishReply>), ApiError> {
-    let Some(expected) = gateway.config.api_key.as_deref().filter(|k| !k.is_empty()) else {
+    if !gateway.auth.has_api_key() {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             ErrorCode::Forbidden,
             "server-side publishing is disabled (no API_KEY)",
         ));
-    };
-    let presented = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(auth::bearer);
-    if !presented.is_some_and(|key| constant_time_eq(key.as_bytes(), expected.as_bytes())) {
+    }
+    if !gateway.auth.is_api_key(credential(&headers, None)) {
         return Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
             ErrorCode::Unauthorized,
@@ -153,20 +223,14 @@ pub async fn post_message(
     }
     let Json(body) =
         body.map_err(|e| ApiError::new(e.status(), ErrorCode::BadRequest, e.body_text()))?;
+    let (channel, user) = (validate::nfc_owned(channel), validate::nfc_owned(body.user));
     validate::channel_name(&channel).map_err(OpError::from)?;
-    validate::user_name(&body.user).map_err(OpError::from)?;
+    validate::user_name(&user).map_err(OpError::from)?;
     validate::text(&body.text, gateway.config.max_text_bytes).map_err(OpError::from)?;
-    gateway.ensure_user(&body.user).await?;
+    gateway.ensure_user(&user).await?;
     let clock = gateway.clock.tick(None);
-    let reply = gateway
-        .publish(&channel, &body.user, body.text, clock)
-        .await?;
+    let reply = gateway.publish(&channel, &user, body.text, clock).await?;
     Ok((StatusCode::CREATED, Json(reply)))
-}
-
-/// Compares secrets without leaking where they differ through timing.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Any other path.
@@ -176,14 +240,4 @@ pub async fn not_found() -> ApiError {
         ErrorCode::NotFound,
         "no such endpoint",
     )
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn constant_time_comparison() {
-        assert!(super::constant_time_eq(b"key", b"key"));
-        assert!(!super::constant_time_eq(b"key", b"kez"));
-        assert!(!super::constant_time_eq(b"key", b"key2"));
-    }
 }

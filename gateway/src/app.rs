@@ -1,5 +1,9 @@
 //! The HTTP routes of a gateway: the public router (WebSocket, API, page,
 //! probes) and the admin router (probes and metrics only).
+//!
+//! `/metrics` is served on `ADMIN_ADDR` only: the public socket is what the
+//! client Service and HAProxy expose, and metrics are not for clients.
+//! `/health` (HAProxy's check on the socket) and `/ready` are on both.
 
 use std::sync::Arc;
 
@@ -35,14 +39,16 @@ pub fn app(gateway: Arc<Gateway>) -> Router {
 
 /// Only `/health`, `/ready` and `/metrics`, for `ADMIN_ADDR`.
 pub fn admin_app(gateway: Arc<Gateway>) -> Router {
-    probes().fallback(api::not_found).with_state(gateway)
+    probes()
+        .route("/metrics", get(metrics))
+        .fallback(api::not_found)
+        .with_state(gateway)
 }
 
 fn probes() -> Router<Arc<Gateway>> {
     Router::new()
         .route("/health", get(health))
         .route("/ready", get(ready))
-        .route("/metrics", get(metrics))
 }
 
 async fn index() -> Html<&'static str> {

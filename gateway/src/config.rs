@@ -1,10 +1,16 @@
 //! Command-line flags and environment variables, parsed once in `main`.
+//!
+//! Secrets (JWT secret, API key) and URLs that may carry passwords are held in
+//! [`Secret`] and [`SecretUrl`], so `{:?}` of the configuration (and of
+//! everything that contains it) never prints them.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
+
+use crate::secret::{Secret, SecretUrl};
 
 /// How clients prove who they are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -66,11 +72,16 @@ pub struct Config {
     #[arg(long, env = "ADMIN_ADDR")]
     pub admin_addr: Option<SocketAddr>,
     /// Redis URL.
-    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
-    pub redis_url: String,
+    #[arg(
+        long,
+        env = "REDIS_URL",
+        default_value = "redis://127.0.0.1:6379",
+        hide_env_values = true
+    )]
+    pub redis_url: SecretUrl,
     /// PostgreSQL URL for history reads; without it `history` answers `unavailable`.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
-    pub database_url: Option<String>,
+    pub database_url: Option<SecretUrl>,
     /// Name of this gateway process in logs and presence members (default: host name and pid).
     #[arg(long, env = "INSTANCE_ID")]
     pub instance_id: Option<String>,
@@ -79,10 +90,15 @@ pub struct Config {
     pub auth_mode: AuthMode,
     /// HS256 secret for `AUTH_MODE=jwt`.
     #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
-    pub jwt_secret: Option<String>,
-    /// Bearer key for `POST /api/channels/{channel}/messages`; unset disables it.
+    pub jwt_secret: Option<Secret>,
+    /// Clock skew tolerated when checking a JWT's `exp` and `nbf`; a session is
+    /// closed (4001) this long after its token's `exp`.
+    #[arg(long, env = "JWT_LEEWAY", default_value = "5s", value_parser = parse_duration)]
+    pub jwt_leeway: Duration,
+    /// Bearer key of the HTTP API: required by `POST /api/channels/{channel}/messages`
+    /// (unset disables it) and accepted by the read routes in JWT mode.
     #[arg(long, env = "API_KEY", hide_env_values = true)]
-    pub api_key: Option<String>,
+    pub api_key: Option<Secret>,
     /// Number of persistence-stream shards (must match the worker).
     #[arg(long, env = "STREAM_SHARDS", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub stream_shards: u32,
@@ -104,6 +120,41 @@ pub struct Config {
     /// Publish burst allowed above the sustained rate.
     #[arg(long, env = "PUBLISH_BURST", default_value_t = 200.0)]
     pub publish_burst: f64,
+    /// Cost units per second of one connection's op budget (ping 1, presence 2,
+    /// login, refresh and unsubscribe 5, subscribe, channel, users, channels and
+    /// history 10; publish and message use the message rate instead). An op
+    /// waits up to OP_WAIT for the budget, else gets `rate_limited`; a client
+    /// that keeps sending is read no faster than the budget refills.
+    #[arg(long, env = "OP_RATE", default_value_t = 200.0)]
+    pub op_rate: f64,
+    /// Cost units one connection may spend at once above the op rate.
+    #[arg(long, env = "OP_BURST", default_value_t = 400.0)]
+    pub op_burst: f64,
+    /// Longest an op waits for the op budget to refill (the connection is not
+    /// read meanwhile); an op that would wait longer gets `rate_limited`.
+    #[arg(long, env = "OP_WAIT", default_value = "1s", value_parser = parse_duration)]
+    pub op_wait: Duration,
+    /// Connections one user may hold open on this process (more: HTTP 429 at the
+    /// upgrade in JWT mode, `limit_exceeded` at `login`); 0 means no limit.
+    #[arg(long, env = "MAX_USER_CONNECTIONS", default_value_t = 100)]
+    pub max_user_connections: u32,
+    /// Channels that may exist in the whole cluster (creating more: `limit_exceeded`); 0 means no limit.
+    #[arg(long, env = "MAX_CHANNELS", default_value_t = 100_000)]
+    pub max_channels: u64,
+    /// Channels one user may create per CHANNEL_CREATE_WINDOW, cluster-wide
+    /// (more: `rate_limited`); 0 means no limit.
+    #[arg(long, env = "CHANNEL_CREATE_LIMIT", default_value_t = 100)]
+    pub channel_create_limit: u64,
+    /// The window of CHANNEL_CREATE_LIMIT.
+    #[arg(long, env = "CHANNEL_CREATE_WINDOW", default_value = "1h", value_parser = parse_duration)]
+    pub channel_create_window: Duration,
+    /// Largest page of `users`, `channels` and `GET /api/channels` (the default page is 100 or this, if smaller).
+    #[arg(long, env = "MAX_LIST_PAGE", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub max_list_page: u32,
+    /// PostgreSQL `statement_timeout` of history reads (a slower query is
+    /// cancelled and answered `unavailable`).
+    #[arg(long, env = "HISTORY_QUERY_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
+    pub history_query_timeout: Duration,
     /// Frames queued for one connection before it counts as a slow reader and is closed (1008).
     #[arg(long, env = "OUTBOUND_QUEUE", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
     pub outbound_queue: u32,
@@ -181,8 +232,20 @@ impl Config {
         if self.auth_mode == AuthMode::Jwt && self.jwt_secret.as_deref().is_none_or(str::is_empty) {
             return Err("--auth-mode jwt needs --jwt-secret (JWT_SECRET)".into());
         }
-        if self.publish_rate <= 0.0 || self.publish_burst < 1.0 {
+        if !(self.publish_rate > 0.0 && self.publish_burst >= 1.0) {
             return Err("--publish-rate must be > 0 and --publish-burst >= 1".into());
+        }
+        if !(self.op_rate > 0.0 && self.op_burst >= crate::budget::MAX_COST) {
+            return Err(format!(
+                "--op-rate must be > 0 and --op-burst >= {} (the costliest op)",
+                crate::budget::MAX_COST
+            ));
+        }
+        if self.channel_create_limit > 0 && self.channel_create_window.as_secs() == 0 {
+            return Err("--channel-create-window must be at least 1s".into());
+        }
+        if self.history_query_timeout.is_zero() {
+            return Err("--history-query-timeout must be above 0".into());
         }
         if self.max_text_bytes + 512 > self.max_frame_bytes {
             return Err("--max-frame-bytes must exceed --max-text-bytes by at least 512".into());
@@ -220,5 +283,8 @@ mod tests {
         assert_eq!(config.stream_shards, 4);
         assert_eq!(config.validate(), Ok(()));
         assert!(Config::try_parse_from(["gw", "--stream-shards", "0"]).is_err());
+        assert!(Config::try_parse_from(["gw", "--max-list-page", "0"]).is_err());
+        let config = Config::parse_from(["gw", "--op-burst", "1"]);
+        assert!(config.validate().unwrap_err().contains("--op-burst"));
     }
 }

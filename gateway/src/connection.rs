@@ -31,8 +31,9 @@ use chatcluster_protocol::frame::{ErrorCode, Request, RequestError, ServerFrame}
 
 use crate::api::ApiError;
 use crate::auth::{self, Identity};
+use crate::budget::UserSlot;
 use crate::outbox::{CloseReason, Inbox, Outbox};
-use crate::session::Session;
+use crate::session::{self, Session};
 use crate::state::Gateway;
 use crate::ws::{self, FrameReader, Incoming, WsError};
 
@@ -99,6 +100,14 @@ pub async fn upgrade(
                 ),
             );
         }
+    };
+    // A JWT names the user now: its connection slot is taken before the upgrade.
+    let identity = match identity {
+        Some(identity) => match session::user_slot(&gateway, &identity.user) {
+            Ok(slot) => Some((identity, slot)),
+            Err(error) => return reject("user_limit", error.into()),
+        },
+        None => None,
     };
     let accept = match handshake_key(headers) {
         Ok(key) => ws::accept_key(key),
@@ -266,7 +275,7 @@ fn split(upgraded: Upgraded) -> (ReadHalf, WriteHalf, Bytes) {
 async fn run(
     gateway: Arc<Gateway>,
     on_upgrade: hyper::upgrade::OnUpgrade,
-    identity: Option<Identity>,
+    identity: Option<(Identity, UserSlot)>,
     encoding: Encoding,
     _permit: OwnedSemaphorePermit,
 ) {
@@ -363,7 +372,25 @@ async fn read_loop(
     // Publishes (and direct messages) whose Redis work is under way, replies in order.
     let mut pipeline = FuturesOrdered::new();
     loop {
+        // A client over its op budget is not read (nor its buffered frames
+        // handled) until the budget is out of debt.
+        let debt = session.debt_wait();
+        if !debt.is_zero() {
+            tokio::select! {
+                () = outbox.closed() => return,
+                () = gateway.closing.cancelled() => {
+                    outbox.close(CloseReason::Shutdown);
+                    return;
+                }
+                () = tokio::time::sleep(debt) => {}
+            }
+        }
+        let mut in_debt = false;
         while pipeline.len() < MAX_PIPELINE {
+            if !session.debt_wait().is_zero() {
+                in_debt = true;
+                break;
+            }
             let incoming = match reader.next_message() {
                 Ok(Some(incoming)) => incoming,
                 Ok(None) => break,
@@ -414,18 +441,30 @@ async fn read_loop(
                     }
                     true
                 }
-                Err(error) => refuse(gateway, outbox, error, &mut bad_frames),
+                Err(error) => refuse(gateway, outbox, session, error, &mut bad_frames),
             };
             if !open {
                 return;
             }
         }
+        if in_debt {
+            continue;
+        }
         reader.shrink_if_empty();
+        let expiry = session.expiry().map(deadline_of);
         tokio::select! {
             () = outbox.closed() => return,
             () = gateway.closing.cancelled() => {
                 outbox.close(CloseReason::Shutdown);
                 return;
+            }
+            () = sleep_until_some(expiry) => {
+                // Far deadlines are slept in steps; a refresh may have moved it.
+                if session.expiry().is_some_and(|t| time_left(t).is_zero()) {
+                    tracing::debug!("token expired");
+                    outbox.close(CloseReason::TokenExpired);
+                    return;
+                }
             }
             _ = ping.tick() => {
                 if last_seen.elapsed() >= config.idle_timeout {
@@ -442,6 +481,30 @@ async fn read_loop(
                 Ok(_) => {}
             },
         }
+    }
+}
+
+/// Time until a Unix time in seconds (zero when it is past).
+fn time_left(unix_secs: u64) -> Duration {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    Duration::from_secs(unix_secs).saturating_sub(now)
+}
+
+/// The instant of a Unix time in seconds, at most [`MAX_SLEEP`] away.
+fn deadline_of(unix_secs: u64) -> Instant {
+    Instant::now() + time_left(unix_secs).min(MAX_SLEEP)
+}
+
+/// Longest single sleep (tokio's timer has a range; a far `exp` is re-checked).
+const MAX_SLEEP: Duration = Duration::from_secs(86_400);
+
+/// Sleeps until `deadline`, or for ever without one.
+async fn sleep_until_some(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -466,9 +529,17 @@ fn decode(encoding: Encoding, data: &[u8], is_text: bool) -> Result<Request, Req
     codec::decode_request(encoding, data)
 }
 
-/// Answers a frame that could not be understood; closes the connection after
-/// too many in a row. Returns whether the connection stays open.
-fn refuse(gateway: &Gateway, outbox: &Outbox, error: RequestError, bad_frames: &mut u32) -> bool {
+/// Answers a frame that could not be understood (charged to the op budget);
+/// closes the connection after too many in a row. Returns whether the
+/// connection stays open.
+fn refuse(
+    gateway: &Gateway,
+    outbox: &Outbox,
+    session: &mut Session,
+    error: RequestError,
+    bad_frames: &mut u32,
+) -> bool {
+    session.charge_refusal();
     gateway
         .metrics
         .errors_total

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use sqlx::Row;
-use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
 use chatcluster_protocol::entry::Timestamp;
 use chatcluster_protocol::frame::ChannelMessage;
@@ -30,14 +30,26 @@ pub struct History {
 
 impl History {
     /// Connects lazily (the gateway starts while PostgreSQL is down); `None`
-    /// disables history.
-    pub fn new(database_url: Option<&str>, timeout: Duration) -> Result<Self, HistoryError> {
+    /// disables history. Every query of the pool runs with PostgreSQL's
+    /// `statement_timeout` set to `statement_timeout`, so a slow or blocked
+    /// read is cancelled by the server instead of holding a connection.
+    pub fn new(
+        database_url: Option<&str>,
+        timeout: Duration,
+        statement_timeout: Duration,
+    ) -> Result<Self, HistoryError> {
         let pool = database_url
             .map(|url| {
-                PgPoolOptions::new()
-                    .max_connections(8)
-                    .acquire_timeout(timeout)
-                    .connect_lazy(url)
+                let options = url.parse::<PgConnectOptions>()?.options([(
+                    "statement_timeout",
+                    statement_timeout.as_millis().max(1).to_string(),
+                )]);
+                Ok::<_, sqlx::Error>(
+                    PgPoolOptions::new()
+                        .max_connections(8)
+                        .acquire_timeout(timeout)
+                        .connect_lazy_with(options),
+                )
             })
             .transpose()?;
         Ok(Self { pool })

@@ -16,16 +16,19 @@
 //!   [`pubsub`] (the subscriber connection), [`outbox`] (per-connection queues),
 //!   [`ws`] (WebSocket framing);
 //! - backends and leaves: [`store`] (Redis), [`history`] (PostgreSQL),
-//!   [`epochs`], [`resp`], [`names`], [`auth`], [`ratelimit`], [`metrics`], [`config`].
+//!   [`epochs`], [`resp`], [`names`], [`auth`], [`budget`], [`ratelimit`],
+//!   [`listing`], [`metrics`], [`config`], [`secret`].
 
 pub mod api;
 pub mod app;
 pub mod auth;
+pub mod budget;
 pub mod config;
 pub mod connection;
 pub mod delivery;
 pub mod epochs;
 pub mod history;
+pub mod listing;
 pub mod metrics;
 pub mod names;
 pub mod outbox;
@@ -33,6 +36,7 @@ pub mod presence;
 pub mod pubsub;
 pub mod ratelimit;
 pub mod resp;
+pub mod secret;
 pub mod server;
 pub mod session;
 pub mod state;

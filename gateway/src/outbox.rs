@@ -40,6 +40,8 @@ pub enum CloseReason {
     Idle,
     /// The gateway is shutting down (1001).
     Shutdown,
+    /// The session's token expired and was not refreshed (4001).
+    TokenExpired,
 }
 
 impl CloseReason {
@@ -53,6 +55,7 @@ impl CloseReason {
             Self::Protocol(code) => (code, "websocket protocol error"),
             Self::Idle => (close_code::GOING_AWAY, "idle timeout"),
             Self::Shutdown => (close_code::GOING_AWAY, "server shutting down"),
+            Self::TokenExpired => (close_code::TOKEN_EXPIRED, "token expired"),
         }
     }
 }

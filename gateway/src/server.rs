@@ -173,6 +173,13 @@ async fn health_loop(gateway: Arc<Gateway>, stop: CancellationToken) {
                 let up = gateway.store.ping().await.is_ok();
                 if !up {
                     gateway.metrics.redis_errors_total.inc();
+                } else if !gateway.is_redis_up() {
+                    // Reachable again (or for the first time): names registered
+                    // before the sorted indexes existed are indexed.
+                    tokio::spawn({
+                        let gateway = gateway.clone();
+                        async move { gateway.index_registries().await }
+                    });
                 }
                 gateway.set_redis_up(up);
             }

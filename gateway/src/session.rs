@@ -1,5 +1,10 @@
-//! One client's session: its identity, subscriptions and rate limit, and the
+//! One client's session: its identity, subscriptions and budgets, and the
 //! handling of every protocol operation.
+//!
+//! Before an op runs it is paid for from the connection's op budget (see
+//! [`crate::budget`]): it waits for the budget to refill (up to `OP_WAIT`),
+//! or is answered `rate_limited` without touching a backend. In JWT mode the session ends
+//! when its token expires ([`Session::expiry`]) unless `refresh` replaced it.
 //!
 //! A `subscribe` is answered by the channel's sequencer (see
 //! [`crate::delivery`]), which queues the reply itself so that it comes before
@@ -10,16 +15,18 @@ use std::collections::HashSet;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use chatcluster_protocol::entry::StoredDirect;
 use chatcluster_protocol::frame::{
     ChannelOnly, ChannelReply, ChannelsReply, DirectReply, Empty, ErrorCode, HistoryReply,
-    LoginReply, Op, PresenceChange, PresenceReply, ReplyData, Request, RequestId, ServerFrame,
-    Since, UsersReply,
+    LoginReply, Op, PresenceChange, PresenceReply, RefreshReply, ReplyData, Request, RequestId,
+    ServerFrame, Since, Token, UsersReply,
 };
 use chatcluster_protocol::validate;
 
-use crate::auth::Identity;
+use crate::auth::{AuthError, Identity};
+use crate::budget::{self, UserSlot};
 use crate::config::AuthMode;
 use crate::delivery::sequencer::{PresenceMember, ReplyContext};
 use crate::outbox::Outbox;
@@ -118,7 +125,25 @@ pub struct Session {
     /// Presence member name and user, set at login.
     presence: Option<PresenceMember>,
     subscriptions: HashSet<String>,
+    /// The message bucket (`publish`, `message`).
     bucket: TokenBucket,
+    /// The op budget (every other op, weighted by cost).
+    budget: TokenBucket,
+    /// This connection's place among its user's connections.
+    slot: Option<UserSlot>,
+}
+
+/// A connection slot of `user`, or `limit_exceeded` at `MAX_USER_CONNECTIONS`.
+pub fn user_slot(gateway: &Gateway, user: &str) -> Result<UserSlot, OpError> {
+    gateway.user_connections.acquire(user).ok_or_else(|| {
+        OpError::new(
+            ErrorCode::LimitExceeded,
+            format!(
+                "user {user:?} has {} connections open here, the limit (MAX_USER_CONNECTIONS); close one",
+                gateway.user_connections.max()
+            ),
+        )
+    })
 }
 
 fn not_logged_in() -> OpError {
@@ -129,14 +154,17 @@ fn not_logged_in() -> OpError {
 }
 
 impl Session {
-    /// A session for a new connection; with a verified identity (JWT mode)
-    /// the user is logged in at once.
+    /// A session for a new connection; with a verified identity (JWT mode,
+    /// with the user's connection slot taken at the upgrade) the user is
+    /// logged in at once.
     pub async fn start(
         gateway: Arc<Gateway>,
         outbox: Outbox,
-        identity: Option<Identity>,
+        identity: Option<(Identity, UserSlot)>,
     ) -> Result<Self, OpError> {
-        let bucket = TokenBucket::new(gateway.config.publish_rate, gateway.config.publish_burst);
+        let config = &gateway.config;
+        let bucket = TokenBucket::new(config.publish_rate, config.publish_burst);
+        let budget = TokenBucket::new(config.op_rate, config.op_burst);
         let mut session = Self {
             gateway,
             outbox,
@@ -144,8 +172,11 @@ impl Session {
             presence: None,
             subscriptions: HashSet::new(),
             bucket,
+            budget,
+            slot: None,
         };
-        if let Some(identity) = identity {
+        if let Some((identity, slot)) = identity {
+            session.slot = Some(slot);
             session.bind(identity).await?;
         }
         Ok(session)
@@ -154,7 +185,9 @@ impl Session {
     /// Starts a `publish` or `message`: its checks (login, names, size, rate)
     /// run now, in request order, and its Redis work in the returned future,
     /// which may overlap with the requests after it; their replies must still
-    /// be queued in request order. Any other request is given back.
+    /// be queued in request order. Any other request is given back. A request
+    /// refused by its checks costs one unit of the op budget, like every
+    /// refused request.
     pub fn start_pipelined(&mut self, request: Request) -> Result<Pending, Request> {
         if !matches!(request.op, Op::Publish { .. } | Op::Message { .. }) {
             return Err(request);
@@ -165,6 +198,9 @@ impl Session {
             Op::Message { to, text } => self.check_direct(to, text),
             _ => return Err(request),
         };
+        if work.is_err() {
+            self.budget.charge(budget::REFUSAL_COST);
+        }
         let (gateway, id) = (self.gateway.clone(), request.id);
         Ok(Box::pin(async move {
             let result = match work {
@@ -173,6 +209,53 @@ impl Session {
             };
             reply_frame(&gateway, id, clock, result)
         }))
+    }
+
+    /// When the session's token runs out (its `exp` plus `JWT_LEEWAY`), as a
+    /// Unix time in seconds; `None` for sessions without an expiring token.
+    pub fn expiry(&self) -> Option<u64> {
+        let expires = self.identity.as_ref()?.expires?;
+        Some(expires.saturating_add(self.gateway.auth.leeway().as_secs()))
+    }
+
+    /// Charges the op budget for a request that was refused before it ran
+    /// (a malformed frame).
+    pub fn charge_refusal(&mut self) {
+        self.budget.charge(budget::REFUSAL_COST);
+    }
+
+    /// How long the connection must stop reading until its op budget is out
+    /// of debt (zero when it is not in debt).
+    pub fn debt_wait(&mut self) -> Duration {
+        self.budget.debt_wait()
+    }
+
+    /// Pays for `op` from the op budget, waiting for it to refill when that
+    /// takes at most `OP_WAIT` (the connection is not read meanwhile);
+    /// `rate_limited` (and one unit charged) when it would take longer.
+    async fn pay(&mut self, op: &Op) -> Result<(), OpError> {
+        let Some(cost) = budget::cost(op) else {
+            return Ok(());
+        };
+        let config = &self.gateway.config;
+        let wait = self.budget.wait_for(cost);
+        if wait > config.op_wait {
+            self.budget.charge(budget::REFUSAL_COST);
+            return Err(OpError::new(
+                ErrorCode::RateLimited,
+                format!(
+                    "over this connection's op budget ({} units/s, burst {}; {} costs {cost}); slow down",
+                    config.op_rate,
+                    config.op_burst,
+                    op.name()
+                ),
+            ));
+        }
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+        self.budget.charge(cost);
+        Ok(())
     }
 
     /// Ticks the clock for a request and counts it; returns its Lamport time.
@@ -194,17 +277,24 @@ impl Session {
         };
         let clock = self.count(&request);
         let id = request.id;
+        // Ops paid from the message bucket cost the op budget only when refused.
+        let unpaid = budget::cost(&request.op).is_none();
+        if let Err(error) = self.pay(&request.op).await {
+            return Some(reply_frame(&self.gateway, id, clock, Err(error)));
+        }
         let result = match request.op {
             Op::Login { user } => self.login(user).await.map(Done::Reply),
-            Op::Users => self
-                .list(Registry::Users)
+            Op::Users { cursor, limit } => self
+                .list(Registry::Users, cursor, limit)
                 .await
-                .map(|users| Done::Reply(ReplyData::Users(UsersReply { users }))),
+                .map(|(users, cursor)| Done::Reply(ReplyData::Users(UsersReply { users, cursor }))),
             Op::Channel { channel } => self.create_channel(channel).await.map(Done::Reply),
-            Op::Channels => self
-                .list(Registry::Channels)
+            Op::Channels { cursor, limit } => self
+                .list(Registry::Channels, cursor, limit)
                 .await
-                .map(|channels| Done::Reply(ReplyData::Channels(ChannelsReply { channels }))),
+                .map(|(channels, cursor)| {
+                    Done::Reply(ReplyData::Channels(ChannelsReply { channels, cursor }))
+                }),
             Op::Subscribe { channel, since } => self
                 .subscribe(channel, since, (id.clone(), clock))
                 .await
@@ -217,6 +307,7 @@ impl Session {
                 limit,
             } => self.history(channel, before, limit).await.map(Done::Reply),
             Op::Ping => Ok(Done::Reply(ReplyData::Pong(Empty {}))),
+            Op::Refresh { token } => self.refresh(token).map(Done::Reply),
             Op::Publish { .. } | Op::Message { .. } => Err(OpError::new(
                 ErrorCode::Internal,
                 "publish and message are started with start_pipelined",
@@ -225,7 +316,12 @@ impl Session {
         match result {
             Ok(Done::Queued) => None,
             Ok(Done::Reply(data)) => Some(reply_frame(&self.gateway, id, clock, Ok(data))),
-            Err(error) => Some(reply_frame(&self.gateway, id, clock, Err(error))),
+            Err(error) => {
+                if unpaid {
+                    self.budget.charge(budget::REFUSAL_COST);
+                }
+                Some(reply_frame(&self.gateway, id, clock, Err(error)))
+            }
         }
     }
 
@@ -252,12 +348,19 @@ impl Session {
         }
     }
 
-    async fn list(&self, registry: Registry) -> Result<Vec<String>, OpError> {
-        Ok(self.gateway.store.list(registry).await?)
+    async fn list(
+        &self,
+        registry: Registry,
+        cursor: Option<String>,
+        limit: Option<u32>,
+    ) -> Result<crate::store::Page, OpError> {
+        self.gateway
+            .list_page(registry, cursor.as_deref(), limit, self.identity.as_ref())
+            .await
     }
 
     fn take_token(&mut self) -> Result<(), OpError> {
-        if self.bucket.try_take() {
+        if self.bucket.try_take(1.0) {
             Ok(())
         } else {
             Err(OpError::new(
@@ -273,6 +376,9 @@ impl Session {
     /// Binds the connection to a user: registers it and receives its direct messages.
     async fn bind(&mut self, identity: Identity) -> Result<(), OpError> {
         let gateway = self.gateway.clone();
+        if self.slot.is_none() {
+            self.slot = Some(user_slot(&gateway, &identity.user)?);
+        }
         gateway.ensure_user(&identity.user).await?;
         if let Err(error) = gateway
             .delivery
@@ -284,6 +390,7 @@ impl Session {
                 .delivery
                 .offline(&identity.user, self.outbox.id())
                 .await;
+            self.slot = None;
             return Err(OpError::new(
                 ErrorCode::Unavailable,
                 "message store unavailable, retry later",
@@ -319,18 +426,59 @@ impl Session {
                     ),
                 ));
             }
-            None => self.bind(Identity::unrestricted(user.clone())).await?,
+            None => {
+                let bound = self.bind(Identity::unrestricted(user.clone())).await;
+                if bound.is_err() {
+                    self.slot = None;
+                }
+                bound?;
+            }
         }
         Ok(ReplyData::Login(LoginReply { user }))
     }
 
+    /// Replaces the session's token with a newer one for the same user. The
+    /// new `channels` claim must allow every channel subscribed to.
+    fn refresh(&mut self, token: Token) -> Result<ReplyData, OpError> {
+        let auth = &self.gateway.auth;
+        if auth.mode() != AuthMode::Jwt {
+            return Err(OpError::new(
+                ErrorCode::BadRequest,
+                AuthError::NotJwt.to_string(),
+            ));
+        }
+        let current = self.user()?;
+        let identity = auth.refresh(current, &token.0).map_err(|error| {
+            let code = match error {
+                AuthError::OtherUser { .. } => ErrorCode::Forbidden,
+                _ => ErrorCode::Unauthorized,
+            };
+            OpError::new(code, error.to_string())
+        })?;
+        let mut outside: Vec<&String> = self
+            .subscriptions
+            .iter()
+            .filter(|channel| !identity.may_use(channel))
+            .collect();
+        if !outside.is_empty() {
+            outside.sort();
+            return Err(OpError::new(
+                ErrorCode::Forbidden,
+                format!("the new token does not allow {outside:?}; unsubscribe first"),
+            ));
+        }
+        let reply = RefreshReply {
+            user: identity.user.clone(),
+            expires: identity.expires,
+        };
+        self.identity = Some(identity);
+        Ok(ReplyData::Refresh(reply))
+    }
+
     async fn create_channel(&mut self, channel: String) -> Result<ReplyData, OpError> {
         self.check_channel(&channel)?;
-        let created = self
-            .gateway
-            .store
-            .register(Registry::Channels, &channel)
-            .await?;
+        let creator = self.user()?.user.clone();
+        let created = self.gateway.ensure_channel(&channel, &creator).await?;
         Ok(ReplyData::Channel(ChannelReply { channel, created }))
     }
 
@@ -359,7 +507,8 @@ impl Session {
             ));
         }
         let gateway = self.gateway.clone();
-        gateway.ensure_channel(&channel).await?;
+        let creator = self.user()?.user.clone();
+        gateway.ensure_channel(&channel, &creator).await?;
         let Some((member, user)) = self.presence.clone() else {
             return Err(not_logged_in());
         };

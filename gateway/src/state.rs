@@ -18,6 +18,7 @@ use chatcluster_protocol::frame::{
 use chatcluster_protocol::validate::ValidationError;
 
 use crate::auth::Authenticator;
+use crate::budget::UserConnections;
 use crate::config::Config;
 use crate::delivery::Delivery;
 use crate::delivery::dispatcher::Context;
@@ -27,7 +28,7 @@ use crate::history::{History, HistoryError};
 use crate::metrics::Metrics;
 use crate::names::KnownNames;
 use crate::pubsub::{Endpoint, Inbound, PubSub, PubSubError, PubSubSettings};
-use crate::store::{Registry, Store, StoreError, StoreSettings};
+use crate::store::{CreateLimits, Registration, Registry, Store, StoreError, StoreSettings};
 
 /// An operation that failed, as the client will see it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -140,6 +141,8 @@ pub struct Gateway {
     pub auth: Authenticator,
     /// Open connection slots.
     pub connection_slots: Arc<Semaphore>,
+    /// Open connections per user (`MAX_USER_CONNECTIONS`).
+    pub user_connections: Arc<UserConnections>,
     /// Connection tasks, awaited at shutdown.
     pub connections: TaskTracker,
     /// Cancelled when open connections must close (end of drain).
@@ -171,7 +174,11 @@ impl Gateway {
                 timeout: config.backend_timeout,
             },
         )?;
-        let history = History::new(config.database_url.as_deref(), config.backend_timeout)?;
+        let history = History::new(
+            config.database_url.as_deref(),
+            config.backend_timeout,
+            config.history_query_timeout,
+        )?;
         let (pubsub, subscriber) = PubSub::new(
             endpoint,
             PubSubSettings {
@@ -201,8 +208,14 @@ impl Gateway {
         subscriber.spawn(Arc::new(intake), background.clone());
         Ok(Arc::new(Self {
             instance: config.instance(),
-            auth: Authenticator::new(config.auth_mode, config.jwt_secret.as_deref()),
+            auth: Authenticator::new(
+                config.auth_mode,
+                config.jwt_secret.as_deref(),
+                config.jwt_leeway,
+            )
+            .with_api_key(config.api_key.clone()),
             connection_slots: Arc::new(Semaphore::new(config.max_connections)),
+            user_connections: UserConnections::new(config.max_user_connections),
             config,
             store,
             history,
@@ -229,6 +242,11 @@ impl Gateway {
         self.redis_up.store(up, Ordering::Release);
     }
 
+    /// Whether the last Redis health check succeeded.
+    pub fn is_redis_up(&self) -> bool {
+        self.redis_up.load(Ordering::Acquire)
+    }
+
     /// Ready: Redis reachable (commands and pub/sub) and not draining.
     pub fn is_ready(&self) -> bool {
         self.redis_up.load(Ordering::Acquire)
@@ -236,12 +254,45 @@ impl Gateway {
             && !self.draining.is_cancelled()
     }
 
-    /// Registers a channel name once (persisted the first time); returns whether it was new.
-    pub async fn ensure_channel(&self, channel: &str) -> Result<bool, OpError> {
+    /// Registers a channel name once (persisted the first time), created by
+    /// `creator` within `MAX_CHANNELS` and `CHANNEL_CREATE_LIMIT`; returns
+    /// whether it was new.
+    pub async fn ensure_channel(&self, channel: &str, creator: &str) -> Result<bool, OpError> {
         if self.names.channels.contains(channel) {
             return Ok(false);
         }
-        let created = self.store.register(Registry::Channels, channel).await?;
+        let config = &self.config;
+        let limits = CreateLimits {
+            max_total: config.max_channels,
+            per_creator: config.channel_create_limit,
+            window: config.channel_create_window,
+        };
+        let created = match self
+            .store
+            .register_limited(Registry::Channels, channel, Some((creator, limits)))
+            .await?
+        {
+            Registration::Created => true,
+            Registration::Existed => false,
+            Registration::Full => {
+                return Err(OpError::new(
+                    ErrorCode::LimitExceeded,
+                    format!(
+                        "the cluster has {} channels, its limit (MAX_CHANNELS); use an existing channel",
+                        config.max_channels
+                    ),
+                ));
+            }
+            Registration::QuotaSpent => {
+                return Err(OpError::new(
+                    ErrorCode::RateLimited,
+                    format!(
+                        "you created {} channels in the last {:?} (CHANNEL_CREATE_LIMIT); retry later",
+                        config.channel_create_limit, config.channel_create_window
+                    ),
+                ));
+            }
+        };
         self.names.channels.insert(channel);
         Ok(created)
     }
@@ -275,7 +326,7 @@ impl Gateway {
         text: String,
         clock: u64,
     ) -> Result<PublishReply, OpError> {
-        self.ensure_channel(channel).await?;
+        self.ensure_channel(channel, user).await?;
         let message = StoredMessage {
             channel: channel.to_owned(),
             msg_id: uuid::Uuid::new_v4(),

@@ -58,6 +58,13 @@ impl Registry {
         }
     }
 
+    fn index(self) -> &'static str {
+        match self {
+            Self::Users => keys::USERS_INDEX,
+            Self::Channels => keys::CHANNELS_INDEX,
+        }
+    }
+
     fn kind(self) -> &'static str {
         match self {
             Self::Users => chatcluster_protocol::entry::kind::USER,
@@ -66,10 +73,39 @@ impl Registry {
     }
 }
 
+/// Limits on creating a name (channels).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CreateLimits {
+    /// Most names in the registry (0: none).
+    pub max_total: u64,
+    /// Most names one creator may add per window (0: none).
+    pub per_creator: u64,
+    /// The window of `per_creator`.
+    pub window: Duration,
+}
+
+/// The outcome of registering a name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Registration {
+    /// The name is new.
+    Created,
+    /// The name existed.
+    Existed,
+    /// The registry holds `max_total` names already.
+    Full,
+    /// The creator used up its quota for the window.
+    QuotaSpent,
+}
+
+/// One page of a registry: names in order, and the cursor of the next page
+/// (`None` on the last).
+pub type Page = (Vec<String>, Option<String>);
+
 struct Scripts {
     read: Script,
     init: Script,
     register: Script,
+    index: Script,
     join: Script,
     leave: Script,
     sweep: Script,
@@ -172,6 +208,7 @@ impl Store {
                 read: Script::new(scripts::READ_RANGE),
                 init: Script::new(scripts::INIT_CHANNEL),
                 register: Script::new(scripts::REGISTER_NAME),
+                index: Script::new(scripts::INDEX_NAMES),
                 join: Script::new(scripts::PRESENCE_JOIN),
                 leave: Script::new(scripts::PRESENCE_LEAVE),
                 sweep: Script::new(scripts::PRESENCE_SWEEP),
@@ -289,18 +326,43 @@ impl Store {
             .map(drop)
     }
 
-    /// Registers a user or channel name; `true` when it is new.
+    /// Registers a user or channel name without limits; `true` when it is new.
     pub async fn register(&self, registry: Registry, name: &str) -> Result<bool, StoreError> {
+        let registration = self.register_limited(registry, name, None).await?;
+        Ok(registration == Registration::Created)
+    }
+
+    /// Registers a name created by `creator` within `limits` (no limits when `None`).
+    pub async fn register_limited(
+        &self,
+        registry: Registry,
+        name: &str,
+        limits: Option<(&str, CreateLimits)>,
+    ) -> Result<Registration, StoreError> {
         let shards = self.settings.shards;
         let mut conn = self.conn.clone();
         let mut invocation = self.scripts.register.prepare_invoke();
         invocation
             .key(registry.set())
             .key(keys::persist_key(keys::shard_of(name, shards)))
+            .key(registry.index())
             .arg(registry.kind())
             .arg(name)
             .arg(chrono::Utc::now().timestamp_millis());
-        self.timed(invocation.invoke_async(&mut conn)).await
+        if let Some((creator, limits)) = limits {
+            invocation
+                .key(keys::channel_quota_key(creator))
+                .arg(limits.max_total)
+                .arg(limits.per_creator)
+                .arg(limits.window.as_secs().max(1));
+        }
+        let outcome: i64 = self.timed(invocation.invoke_async(&mut conn)).await?;
+        Ok(match outcome {
+            1 => Registration::Created,
+            -1 => Registration::Full,
+            -2 => Registration::QuotaSpent,
+            _ => Registration::Existed,
+        })
     }
 
     /// Whether a name is registered.
@@ -309,12 +371,63 @@ impl Store {
         self.timed(conn.sismember(registry.set(), name)).await
     }
 
-    /// Every registered name, sorted.
-    pub async fn list(&self, registry: Registry) -> Result<Vec<String>, StoreError> {
+    /// Up to `limit` registered names after `after` (from the start without
+    /// it), in order, and the cursor of the next page.
+    pub async fn list_page(
+        &self,
+        registry: Registry,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<Page, StoreError> {
         let mut conn = self.conn.clone();
-        let mut names: Vec<String> = self.timed(conn.smembers(registry.set())).await?;
-        names.sort_unstable();
-        Ok(names)
+        let start = after.map_or_else(|| "-".to_owned(), |name| format!("({name}"));
+        let mut names: Vec<String> = self
+            .timed(
+                redis::cmd("ZRANGEBYLEX")
+                    .arg(registry.index())
+                    .arg(start)
+                    .arg("+")
+                    .arg("LIMIT")
+                    .arg(0)
+                    .arg(u64::from(limit) + 1)
+                    .query_async(&mut conn),
+            )
+            .await?;
+        let more = names.len() > limit as usize;
+        names.truncate(limit as usize);
+        let cursor = more.then(|| names.last().cloned()).flatten();
+        Ok((names, cursor))
+    }
+
+    /// Copies names the sorted index lacks (registered before it existed)
+    /// into it; returns how many steps it took. Cheap when complete: one
+    /// `SCARD` and one `ZCARD`.
+    pub async fn index_registry(&self, registry: Registry) -> Result<u32, StoreError> {
+        let mut conn = self.conn.clone();
+        let (set, index): (u64, u64) = self
+            .timed(
+                redis::pipe()
+                    .scard(registry.set())
+                    .zcard(registry.index())
+                    .query_async(&mut conn),
+            )
+            .await?;
+        if index >= set {
+            return Ok(0);
+        }
+        let (mut cursor, mut steps) = ("0".to_owned(), 0);
+        loop {
+            let mut invocation = self.scripts.index.prepare_invoke();
+            invocation
+                .key(registry.set())
+                .key(registry.index())
+                .arg(&cursor);
+            cursor = self.timed(invocation.invoke_async(&mut conn)).await?;
+            steps += 1;
+            if cursor == "0" {
+                return Ok(steps);
+            }
+        }
     }
 
     fn presence_keys(&self, channel: &str) -> (String, String) {

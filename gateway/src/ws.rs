@@ -41,6 +41,9 @@ pub mod close_code {
     pub const POLICY: u16 = 1008;
     /// Message too big.
     pub const TOO_BIG: u16 = 1009;
+    /// The session's token expired (private-use range): refresh it with a
+    /// new token before `exp`, or reconnect with one.
+    pub const TOKEN_EXPIRED: u16 = 4001;
 }
 
 /// The `Sec-WebSocket-Accept` answer to a client's `Sec-WebSocket-Key`.

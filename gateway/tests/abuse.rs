@@ -137,12 +137,7 @@ async fn idle_clients_are_closed_and_connections_are_limited() {
 }
 
 fn token(claims: serde_json::Value) -> String {
-    jsonwebtoken::encode(
-        &jsonwebtoken::Header::default(),
-        &claims,
-        &jsonwebtoken::EncodingKey::from_secret(b"test-secret"),
-    )
-    .unwrap()
+    jwt(&claims, "test-secret")
 }
 
 #[tokio::test]

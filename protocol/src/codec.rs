@@ -152,6 +152,70 @@ mod tests {
     use proptest::prelude::*;
     use uuid::Uuid;
 
+    const MAX: u64 = crate::validate::MAX_SAFE_INTEGER;
+
+    #[test]
+    fn numbers_above_2_pow_53_are_refused() {
+        for (frame, field) in [
+            (r#"{"op":"ping","clock":9007199254740992}"#, "clock"),
+            (r#"{"op":"ping","clock":18446744073709551615}"#, "clock"),
+            (
+                r#"{"op":"history","channel":"a","before":9007199254740992}"#,
+                "before",
+            ),
+            (
+                r#"{"op":"subscribe","channel":"a","since":{"offset":9007199254740992,"epoch":"e"}}"#,
+                "since.offset",
+            ),
+        ] {
+            let err = decode_request(Encoding::Json, frame.as_bytes()).unwrap_err();
+            assert_eq!(err.code, ErrorCode::BadRequest, "{frame}");
+            assert!(err.message.contains(field), "{frame}: {}", err.message);
+        }
+        let ok =
+            decode_request(Encoding::Json, br#"{"op":"ping","clock":9007199254740991}"#).unwrap();
+        assert_eq!(ok.clock, Some(MAX));
+        let err =
+            decode_request(Encoding::Json, br#"{"op":"ping","id":9007199254740992}"#).unwrap_err();
+        assert!(err.message.contains("id"), "{}", err.message);
+        assert_eq!(err.id, None, "an id out of bounds is not echoed");
+        let long_id = format!(r#"{{"op":"ping","id":"{}"}}"#, "i".repeat(65));
+        assert!(decode_request(Encoding::Json, long_id.as_bytes()).is_err());
+        let long_epoch = format!(
+            r#"{{"op":"subscribe","channel":"a","since":{{"offset":1,"epoch":"{}"}}}}"#,
+            "e".repeat(65)
+        );
+        assert!(decode_request(Encoding::Json, long_epoch.as_bytes()).is_err());
+    }
+
+    #[test]
+    fn names_are_normalised_to_nfc() {
+        let request = decode_request(
+            Encoding::Json,
+            "{\"op\":\"login\",\"user\":\"Jose\u{301}\"}".as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(
+            request.op,
+            Op::Login {
+                user: "José".into()
+            }
+        );
+    }
+
+    #[test]
+    fn refresh_tokens_are_not_shown_by_debug() {
+        let request = decode_request(
+            Encoding::Json,
+            br#"{"op":"refresh","token":"eyJhbGciOi.secret.sig"}"#,
+        )
+        .unwrap();
+        let shown = format!("{request:?}");
+        assert!(!shown.contains("secret"), "{shown}");
+        let err = decode_request(Encoding::Json, br#"{"op":"refresh"}"#).unwrap_err();
+        assert_eq!(err.message, "refresh needs \"token\"");
+    }
+
     #[test]
     fn subprotocols() {
         for encoding in Encoding::ALL {
@@ -252,7 +316,7 @@ mod tests {
     fn any_id() -> impl Strategy<Value = Option<RequestId>> {
         prop_oneof![
             Just(None),
-            any::<i64>().prop_map(|n| Some(RequestId::Int(n))),
+            (-(MAX as i64)..=MAX as i64).prop_map(|n| Some(RequestId::Int(n))),
             ".{0,16}".prop_map(|s| Some(RequestId::Str(s))),
         ]
     }
@@ -260,22 +324,25 @@ mod tests {
     fn any_op() -> impl Strategy<Value = Op> {
         prop_oneof![
             name().prop_map(|user| Op::Login { user }),
-            Just(Op::Users),
+            (proptest::option::of(name()), any::<Option<u32>>())
+                .prop_map(|(cursor, limit)| Op::Users { cursor, limit }),
             name().prop_map(|channel| Op::Channel { channel }),
-            Just(Op::Channels),
-            (
-                name(),
-                proptest::option::of((any::<u64>(), "[a-z0-9]{0,12}"))
-            )
-                .prop_map(|(channel, since)| Op::Subscribe {
+            (proptest::option::of(name()), any::<Option<u32>>())
+                .prop_map(|(cursor, limit)| Op::Channels { cursor, limit }),
+            ".{0,64}".prop_map(|token| Op::Refresh {
+                token: Token(token)
+            }),
+            (name(), proptest::option::of((0..=MAX, "[a-z0-9]{0,12}"))).prop_map(
+                |(channel, since)| Op::Subscribe {
                     channel,
                     since: since.map(|(offset, epoch)| Since { offset, epoch }),
-                }),
+                }
+            ),
             name().prop_map(|channel| Op::Unsubscribe { channel }),
             (name(), ".{0,64}").prop_map(|(channel, text)| Op::Publish { channel, text }),
             (name(), ".{0,64}").prop_map(|(to, text)| Op::Message { to, text }),
             name().prop_map(|channel| Op::Presence { channel }),
-            (name(), any::<Option<u64>>(), any::<Option<u32>>()).prop_map(
+            (name(), proptest::option::of(0..=MAX), any::<Option<u32>>()).prop_map(
                 |(channel, before, limit)| Op::History {
                     channel,
                     before,
@@ -311,7 +378,7 @@ mod tests {
 
     proptest! {
         #[test]
-        fn requests_round_trip(id in any_id(), clock in any::<Option<u64>>(), op in any_op()) {
+        fn requests_round_trip(id in any_id(), clock in proptest::option::of(0..=MAX), op in any_op()) {
             let request = Request { id, clock, op };
             for encoding in Encoding::ALL {
                 let bytes = encode_request(encoding, &request);

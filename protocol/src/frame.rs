@@ -5,11 +5,17 @@
 //! gets an error naming it (`publish needs "channel"`). Server frames are
 //! internally tagged by `type`; `data` is generic so clients can decode it into
 //! a `serde_json::Value` first and into the reply struct of their request next.
+//!
+//! Decoding bounds every field a client controls: numbers at 2^53−1
+//! ([`crate::validate::MAX_SAFE_INTEGER`]), string ids, epochs, cursors and
+//! tokens by length, and names are normalised to Unicode NFC here, so every
+//! later step sees one spelling of a name.
 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::entry::Timestamp;
+use crate::validate::{self, MAX_EPOCH_BYTES, MAX_ID_BYTES, MAX_SAFE_INTEGER, MAX_TOKEN_BYTES};
 
 /// The identifier a client puts on a request; echoed in the reply.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -28,6 +34,17 @@ pub struct Since {
     pub offset: u64,
     /// Epoch of the channel's history when the client saw it.
     pub epoch: String,
+}
+
+/// A credential sent by a client (`refresh`): its `Debug` never shows it.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Token(pub String);
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Token([redacted, {} bytes])", self.0.len())
+    }
 }
 
 /// A request exactly as it came off the wire: every field optional.
@@ -60,9 +77,15 @@ pub struct RawRequest {
     /// `history`: return messages before this offset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub before: Option<u64>,
-    /// `history`: page size.
+    /// `history`, `users`, `channels`: page size.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limit: Option<u32>,
+    /// `users`, `channels`: continue after this name (the previous page's `cursor`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cursor: Option<String>,
+    /// `refresh`: the new JWT.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<Token>,
 }
 
 /// Just the id of a request, salvaged from a frame that failed to decode.
@@ -80,15 +103,25 @@ pub enum Op {
         /// The user name.
         user: String,
     },
-    /// List known users.
-    Users,
+    /// List known users, one page at a time.
+    Users {
+        /// Continue after this name.
+        cursor: Option<String>,
+        /// Page size.
+        limit: Option<u32>,
+    },
     /// Create a channel (idempotent).
     Channel {
         /// The channel name.
         channel: String,
     },
-    /// List channels.
-    Channels,
+    /// List channels, one page at a time.
+    Channels {
+        /// Continue after this name.
+        cursor: Option<String>,
+        /// Page size.
+        limit: Option<u32>,
+    },
     /// Subscribe, optionally recovering after a known position.
     Subscribe {
         /// The channel name.
@@ -131,6 +164,11 @@ pub enum Op {
     },
     /// Liveness round trip.
     Ping,
+    /// Replace the connection's JWT before it expires (`AUTH_MODE=jwt`).
+    Refresh {
+        /// The new token.
+        token: Token,
+    },
 }
 
 impl Op {
@@ -138,9 +176,9 @@ impl Op {
     pub fn name(&self) -> &'static str {
         match self {
             Op::Login { .. } => "login",
-            Op::Users => "users",
+            Op::Users { .. } => "users",
             Op::Channel { .. } => "channel",
-            Op::Channels => "channels",
+            Op::Channels { .. } => "channels",
             Op::Subscribe { .. } => "subscribe",
             Op::Unsubscribe { .. } => "unsubscribe",
             Op::Publish { .. } => "publish",
@@ -148,6 +186,7 @@ impl Op {
             Op::Presence { .. } => "presence",
             Op::History { .. } => "history",
             Op::Ping => "ping",
+            Op::Refresh { .. } => "refresh",
         }
     }
 }
@@ -198,44 +237,81 @@ impl TryFrom<RawRequest> for Request {
     type Error = RequestError;
 
     fn try_from(raw: RawRequest) -> Result<Self, RequestError> {
-        let id = raw.id;
+        let id = checked_id(raw.id)?;
         let Some(name) = raw.op else {
             return Err(RequestError::bad_request(id, "missing \"op\""));
         };
+        let bound = |field: &str, value: Option<u64>| at_most_safe(field, value, &id);
+        let clock = bound("clock", raw.clock)?;
+        let before = bound("before", raw.before)?;
+        if let Some(since) = &raw.since {
+            bound("since.offset", Some(since.offset))?;
+            short(&id, "since.epoch", Some(&since.epoch), MAX_EPOCH_BYTES)?;
+        }
+        short(
+            &id,
+            "cursor",
+            raw.cursor.as_deref(),
+            validate::MAX_CHANNEL_LEN,
+        )?;
+        short(
+            &id,
+            "token",
+            raw.token.as_ref().map(|t| t.0.as_str()),
+            MAX_TOKEN_BYTES,
+        )?;
         let need = |field: &str, value: Option<String>| required(&name, field, value, &id);
+        // One spelling per name: NFC (see `validate`).
+        let (user, channel, to) = (
+            raw.user.map(validate::nfc_owned),
+            raw.channel.map(validate::nfc_owned),
+            raw.to.map(validate::nfc_owned),
+        );
+        let cursor = raw.cursor.map(validate::nfc_owned);
         let op = match name.as_str() {
             "login" => Op::Login {
-                user: need("user", raw.user)?,
+                user: need("user", user)?,
             },
-            "users" => Op::Users,
+            "users" => Op::Users {
+                cursor,
+                limit: raw.limit,
+            },
             "channel" => Op::Channel {
-                channel: need("channel", raw.channel)?,
+                channel: need("channel", channel)?,
             },
-            "channels" => Op::Channels,
+            "channels" => Op::Channels {
+                cursor,
+                limit: raw.limit,
+            },
             "subscribe" => Op::Subscribe {
-                channel: need("channel", raw.channel)?,
+                channel: need("channel", channel)?,
                 since: raw.since,
             },
             "unsubscribe" => Op::Unsubscribe {
-                channel: need("channel", raw.channel)?,
+                channel: need("channel", channel)?,
             },
             "publish" => Op::Publish {
-                channel: need("channel", raw.channel)?,
+                channel: need("channel", channel)?,
                 text: need("text", raw.text)?,
             },
             "message" => Op::Message {
-                to: need("to", raw.to)?,
+                to: need("to", to)?,
                 text: need("text", raw.text)?,
             },
             "presence" => Op::Presence {
-                channel: need("channel", raw.channel)?,
+                channel: need("channel", channel)?,
             },
             "history" => Op::History {
-                channel: need("channel", raw.channel)?,
-                before: raw.before,
+                channel: need("channel", channel)?,
+                before,
                 limit: raw.limit,
             },
             "ping" => Op::Ping,
+            "refresh" => Op::Refresh {
+                token: raw.token.ok_or_else(|| {
+                    RequestError::bad_request(id.clone(), "refresh needs \"token\"")
+                })?,
+            },
             other => {
                 let shown: String = other.chars().take(32).collect();
                 return Err(RequestError::bad_request(
@@ -244,11 +320,57 @@ impl TryFrom<RawRequest> for Request {
                 ));
             }
         };
-        Ok(Request {
-            id,
-            clock: raw.clock,
-            op,
-        })
+        Ok(Request { id, clock, op })
+    }
+}
+
+/// The request id, when it is within bounds: integers within ±(2^53−1),
+/// strings of at most [`MAX_ID_BYTES`] bytes. An id out of bounds is refused
+/// without being echoed.
+fn checked_id(id: Option<RequestId>) -> Result<Option<RequestId>, RequestError> {
+    match &id {
+        Some(RequestId::Int(n)) if n.unsigned_abs() > MAX_SAFE_INTEGER => Err(
+            RequestError::bad_request(None, "\"id\" must be an integer within ±(2^53-1)"),
+        ),
+        Some(RequestId::Str(s)) if s.len() > MAX_ID_BYTES => Err(RequestError::bad_request(
+            None,
+            format!("\"id\" must be at most {MAX_ID_BYTES} bytes"),
+        )),
+        _ => Ok(id),
+    }
+}
+
+/// `value` when it is at most 2^53−1.
+fn at_most_safe(
+    field: &str,
+    value: Option<u64>,
+    id: &Option<RequestId>,
+) -> Result<Option<u64>, RequestError> {
+    match value {
+        Some(n) if n > MAX_SAFE_INTEGER => Err(RequestError::bad_request(
+            id.clone(),
+            format!("\"{field}\" must be at most 2^53-1 ({MAX_SAFE_INTEGER}), got {n}"),
+        )),
+        other => Ok(other),
+    }
+}
+
+/// Refuses a string field longer than `max` bytes.
+fn short(
+    id: &Option<RequestId>,
+    field: &str,
+    value: Option<&str>,
+    max: usize,
+) -> Result<(), RequestError> {
+    match value {
+        Some(value) if value.len() > max => Err(RequestError::bad_request(
+            id.clone(),
+            format!(
+                "\"{field}\" is {} bytes, more than the limit of {max}",
+                value.len()
+            ),
+        )),
+        _ => Ok(()),
     }
 }
 
@@ -262,7 +384,12 @@ impl From<&Request> for RawRequest {
         };
         match &request.op {
             Op::Login { user } => raw.user = Some(user.clone()),
-            Op::Users | Op::Channels | Op::Ping => {}
+            Op::Ping => {}
+            Op::Users { cursor, limit } | Op::Channels { cursor, limit } => {
+                raw.cursor = cursor.clone();
+                raw.limit = *limit;
+            }
+            Op::Refresh { token } => raw.token = Some(token.clone()),
             Op::Channel { channel } | Op::Unsubscribe { channel } | Op::Presence { channel } => {
                 raw.channel = Some(channel.clone())
             }
@@ -304,8 +431,12 @@ pub enum ErrorCode {
     Forbidden,
     /// No such channel or user.
     NotFound,
-    /// Publish rate limit exceeded.
+    /// A rate limit was exceeded (the connection's op budget, its message
+    /// rate, or the user's channel-creation quota); retry later.
     RateLimited,
+    /// A configured limit is reached (total channels, connections of one
+    /// user); retrying does not help until something is released.
+    LimitExceeded,
     /// Text or frame over the limit.
     TooLarge,
     /// A backend (Redis, PostgreSQL) is unreachable; retry later.
@@ -323,6 +454,7 @@ impl ErrorCode {
             Self::Forbidden => "forbidden",
             Self::NotFound => "not_found",
             Self::RateLimited => "rate_limited",
+            Self::LimitExceeded => "limit_exceeded",
             Self::TooLarge => "too_large",
             Self::Unavailable => "unavailable",
             Self::Internal => "internal",
@@ -441,8 +573,11 @@ pub struct LoginReply {
 /// `users` reply.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UsersReply {
-    /// Known users, sorted.
+    /// One page of known users, sorted.
     pub users: Vec<String>,
+    /// Where the next page starts (send it as `cursor`); absent on the last page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cursor: Option<String>,
 }
 
 /// `channel` reply.
@@ -457,8 +592,21 @@ pub struct ChannelReply {
 /// `channels` reply.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChannelsReply {
-    /// Known channels, sorted.
+    /// One page of known channels, sorted.
     pub channels: Vec<String>,
+    /// Where the next page starts (send it as `cursor`); absent on the last page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cursor: Option<String>,
+}
+
+/// `refresh` reply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefreshReply {
+    /// The user (unchanged).
+    pub user: String,
+    /// The new token's `exp` (seconds since the Unix epoch), if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires: Option<u64>,
 }
 
 /// `subscribe` reply.
@@ -551,4 +699,6 @@ pub enum ReplyData {
     History(HistoryReply),
     /// `ping`.
     Pong(Empty),
+    /// `refresh`.
+    Refresh(RefreshReply),
 }

@@ -9,6 +9,17 @@ pub const PERSIST_GROUP: &str = "persist";
 pub const CHANNELS_SET: &str = "cc:channels";
 /// Set of every user name that ever logged in.
 pub const USERS_SET: &str = "cc:users";
+/// Sorted set (every score 0, so ordered by name) of the names in
+/// [`CHANNELS_SET`]: `channels` pages through it by name.
+pub const CHANNELS_INDEX: &str = "cc:channels:index";
+/// Sorted index of [`USERS_SET`], like [`CHANNELS_INDEX`].
+pub const USERS_INDEX: &str = "cc:users:index";
+
+/// `cc:quota:chan:<user>`: channels the user created in the current
+/// `CHANNEL_CREATE_WINDOW` (expires with the window).
+pub fn channel_quota_key(user: &str) -> String {
+    format!("cc:quota:chan:{user}")
+}
 /// Prefix of the dead-letter stream of a shard (`cc:{sN}:dead`).
 const DEAD_SUFFIX: &str = "dead";
 

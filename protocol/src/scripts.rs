@@ -88,17 +88,48 @@ end
 return n
 "#;
 
-/// Register a user or channel name once and persist it the first time.
+/// Register a user or channel name once and persist it the first time,
+/// within the creation limits.
 ///
-/// `KEYS`: the set (`cc:users` or `cc:channels`), the persistence stream of the
-/// name's shard. `ARGV`: 1 kind (`user` or `chan`), 2 name, 3 time in ms.
-/// Returns 1 when the name is new, 0 otherwise.
+/// `KEYS`: 1 the set (`cc:users` or `cc:channels`), 2 the persistence stream
+/// of the name's shard, optionally 3 the sorted index of the set (pages of
+/// `users`/`channels`) and 4 the creator's quota counter. `ARGV`: 1 kind
+/// (`user` or `chan`), 2 name, 3 time in ms, optionally 4 most names in the
+/// set (0: no limit), 5 most names one creator may add per window (0: no
+/// limit), 6 the window in seconds. Returns 1 when the name is new, 0 when it
+/// existed, -1 when the set is full, -2 when the creator's quota is spent.
 pub const REGISTER_NAME: &str = r#"
-if redis.call('SADD', KEYS[1], ARGV[2]) == 1 then
-  redis.call('XADD', KEYS[2], '*', 'k', ARGV[1], 'n', ARGV[2], 't', ARGV[3])
-  return 1
+if redis.call('SISMEMBER', KEYS[1], ARGV[2]) == 1 then
+  if KEYS[3] then redis.call('ZADD', KEYS[3], 0, ARGV[2]) end
+  return 0
 end
-return 0
+local most = tonumber(ARGV[4] or '0')
+if most > 0 and redis.call('SCARD', KEYS[1]) >= most then
+  return -1
+end
+local quota = tonumber(ARGV[5] or '0')
+if quota > 0 and KEYS[4] then
+  local used = redis.call('INCR', KEYS[4])
+  if used == 1 then redis.call('EXPIRE', KEYS[4], ARGV[6]) end
+  if used > quota then return -2 end
+end
+redis.call('SADD', KEYS[1], ARGV[2])
+if KEYS[3] then redis.call('ZADD', KEYS[3], 0, ARGV[2]) end
+redis.call('XADD', KEYS[2], '*', 'k', ARGV[1], 'n', ARGV[2], 't', ARGV[3])
+return 1
+"#;
+
+/// Copy one `SSCAN` step of a registry set into its sorted index (names
+/// registered before the index existed).
+///
+/// `KEYS`: 1 the set, 2 its index. `ARGV`: 1 the `SSCAN` cursor. Returns the
+/// next cursor (`"0"` when the scan is complete).
+pub const INDEX_NAMES: &str = r#"
+local step = redis.call('SSCAN', KEYS[1], ARGV[1], 'COUNT', 500)
+for _, name in ipairs(step[2]) do
+  redis.call('ZADD', KEYS[2], 0, name)
+end
+return step[1]
 "#;
 
 /// Add (or refresh) a connection's presence in a channel.

@@ -177,6 +177,16 @@ pub async fn try_connect(
     })
 }
 
+/// An HS256 JWT of `claims` signed with `secret`.
+pub fn jwt(claims: &Value, secret: &str) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap()
+}
+
 /// Connects or panics.
 pub async fn connect(url: &str, encoding: Encoding) -> Client {
     try_connect(url, encoding, &[])

@@ -15,20 +15,29 @@
 //! - the delivery core: [`delivery`] (dispatchers and per-channel sequencers),
 //!   [`pubsub`] (the subscriber connection), [`outbox`] (per-connection queues),
 //!   [`ws`] (WebSocket framing);
+//! - direct messages: [`inbox`] (send, conversations, one conversation's pages);
+//! - offsets and pages: [`epochs`] (writes that never reuse an offset),
+//!   [`blocks`] (offsets reserved in PostgreSQL), [`life`] (which Redis
+//!   process, and whether it can lose writes), [`pages`] (history merged from
+//!   Redis and PostgreSQL);
 //! - backends and leaves: [`store`] (Redis), [`history`] (PostgreSQL),
-//!   [`epochs`], [`resp`], [`names`], [`auth`], [`ratelimit`], [`metrics`], [`config`].
+//!   [`resp`], [`names`], [`auth`], [`ratelimit`], [`metrics`], [`config`].
 
 pub mod api;
 pub mod app;
 pub mod auth;
+pub mod blocks;
 pub mod config;
 pub mod connection;
 pub mod delivery;
 pub mod epochs;
 pub mod history;
+pub mod inbox;
+pub mod life;
 pub mod metrics;
 pub mod names;
 pub mod outbox;
+pub mod pages;
 pub mod presence;
 pub mod pubsub;
 pub mod ratelimit;

@@ -2,24 +2,26 @@
 //! handling of every protocol operation.
 //!
 //! A `subscribe` is answered by the channel's sequencer (see
-//! [`crate::delivery`]), which queues the reply itself so that it comes before
-//! every push above the reply's offset; every other reply is queued by the
-//! connection from what [`Session::handle`] returns.
+//! [`crate::delivery`]), and the first `login` by the sequencer of the user's
+//! inbox, which queue the reply themselves so that it comes before every push
+//! above the reply's offset; every other reply is queued by the connection
+//! from what [`Session::handle`] returns.
 
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use chatcluster_protocol::entry::StoredDirect;
 use chatcluster_protocol::frame::{
-    ChannelOnly, ChannelReply, ChannelsReply, DirectReply, Empty, ErrorCode, HistoryReply,
-    LoginReply, Op, PresenceChange, PresenceReply, ReplyData, Request, RequestId, ServerFrame,
-    Since, UsersReply,
+    ChannelOnly, ChannelReply, ChannelsReply, ConversationsReply, DmHistoryReply, Empty, ErrorCode,
+    HistoryReply, InboxPosition, LoginReply, Op, PresenceChange, PresenceReply, ReplyData, Request,
+    RequestId, ServerFrame, Since, UsersReply,
 };
+use chatcluster_protocol::stream::StreamId;
 use chatcluster_protocol::validate;
 
 use crate::auth::Identity;
 use crate::config::AuthMode;
-use crate::delivery::sequencer::{PresenceMember, ReplyContext};
+use crate::delivery::sequencer::{PresenceMember, ReplyContext, ReplyKind};
+use crate::inbox;
 use crate::outbox::Outbox;
 use crate::ratelimit::TokenBucket;
 use crate::state::{Gateway, OpError};
@@ -39,6 +41,8 @@ pub struct Session {
     identity: Option<Identity>,
     /// Presence member name and user, set at login.
     presence: Option<PresenceMember>,
+    /// Where the user's inbox stood when this connection joined it.
+    inbox: Option<InboxPosition>,
     subscriptions: HashSet<String>,
     bucket: TokenBucket,
 }
@@ -64,17 +68,23 @@ impl Session {
             outbox,
             identity: None,
             presence: None,
+            inbox: None,
             subscriptions: HashSet::new(),
             bucket,
         };
         if let Some(identity) = identity {
-            session.bind(identity).await?;
+            let reply = ReplyContext {
+                id: None,
+                clock: session.gateway.clock.tick(None),
+                kind: ReplyKind::Silent,
+            };
+            session.bind(identity, None, reply).await?;
         }
         Ok(session)
     }
 
     /// Handles one request; returns the reply to queue, or `None` when the
-    /// reply is already queued (a successful `subscribe`).
+    /// reply is already queued (a successful `subscribe` or first `login`).
     pub async fn handle(&mut self, request: Request) -> Option<ServerFrame> {
         let clock = self.gateway.clock.tick(request.clock);
         let op_name = request.op.name();
@@ -85,7 +95,7 @@ impl Session {
             .inc();
         let id = request.id;
         let result = match request.op {
-            Op::Login { user } => self.login(user).await.map(Done::Reply),
+            Op::Login { user, since } => self.login(user, since, (id.clone(), clock)).await,
             Op::Users => self
                 .list(Registry::Users)
                 .await
@@ -100,16 +110,36 @@ impl Session {
                 .await
                 .map(|()| Done::Queued),
             Op::Unsubscribe { channel } => self.unsubscribe(channel).await.map(Done::Reply),
-            Op::Publish { channel, text } => {
-                self.publish(channel, text, clock).await.map(Done::Reply)
-            }
-            Op::Message { to, text } => self.direct(to, text, clock).await.map(Done::Reply),
+            Op::Publish {
+                channel,
+                text,
+                idempotency_key,
+            } => self
+                .publish(channel, text, clock, idempotency_key)
+                .await
+                .map(Done::Reply),
+            Op::Message {
+                to,
+                text,
+                idempotency_key,
+            } => self
+                .direct(to, text, clock, idempotency_key)
+                .await
+                .map(Done::Reply),
             Op::Presence { channel } => self.presence(channel).await.map(Done::Reply),
             Op::History {
                 channel,
                 before,
                 limit,
             } => self.history(channel, before, limit).await.map(Done::Reply),
+            Op::Conversations { before, limit } => {
+                self.conversations(before, limit).await.map(Done::Reply)
+            }
+            Op::DmHistory {
+                with,
+                before,
+                limit,
+            } => self.dm_history(with, before, limit).await.map(Done::Reply),
             Op::Ping => Ok(Done::Reply(ReplyData::Pong(Empty {}))),
         };
         match result {
@@ -172,25 +202,37 @@ impl Session {
         }
     }
 
-    /// Binds the connection to a user: registers it and receives its direct messages.
-    async fn bind(&mut self, identity: Identity) -> Result<(), OpError> {
+    /// Binds the connection to a user: registers it and joins the user's
+    /// inbox, recovering after `since` (or after what was last pushed to the
+    /// user); the inbox's sequencer queues `reply` and the recovered direct
+    /// messages.
+    async fn bind(
+        &mut self,
+        identity: Identity,
+        since: Option<Since>,
+        reply: ReplyContext,
+    ) -> Result<(), OpError> {
         let gateway = self.gateway.clone();
         gateway.ensure_user(&identity.user).await?;
-        if let Err(error) = gateway
+        let since = match since {
+            Some(since) => Some(since),
+            None => gateway.store.inbox_cursor(&identity.user).await?,
+        };
+        let joined = gateway
             .delivery
-            .online(&identity.user, self.outbox.clone())
-            .await
-        {
-            tracing::warn!(user = %identity.user, %error, "direct-message topic not subscribed");
-            gateway
-                .delivery
-                .offline(&identity.user, self.outbox.id())
-                .await;
-            return Err(OpError::new(
-                ErrorCode::Unavailable,
-                "message store unavailable, retry later",
-            ));
-        }
+            .join(
+                StreamId::inbox(&identity.user),
+                self.outbox.clone(),
+                None,
+                since,
+                reply,
+            )
+            .await?;
+        self.inbox = Some(InboxPosition {
+            epoch: joined.epoch,
+            offset: joined.offset,
+            recovered: joined.recovered,
+        });
         let member = format!(
             "{}/{}/{}",
             identity.user,
@@ -202,7 +244,12 @@ impl Session {
         Ok(())
     }
 
-    async fn login(&mut self, user: String) -> Result<ReplyData, OpError> {
+    async fn login(
+        &mut self,
+        user: String,
+        since: Option<Since>,
+        (id, clock): (Option<RequestId>, u64),
+    ) -> Result<Done, OpError> {
         validate::user_name(&user)?;
         match &self.identity {
             Some(identity) if identity.user == user => {}
@@ -221,9 +268,21 @@ impl Session {
                     ),
                 ));
             }
-            None => self.bind(Identity::unrestricted(user.clone())).await?,
+            None => {
+                let reply = ReplyContext {
+                    id,
+                    clock,
+                    kind: ReplyKind::Login { user: user.clone() },
+                };
+                self.bind(Identity::unrestricted(user), since, reply)
+                    .await?;
+                return Ok(Done::Queued);
+            }
         }
-        Ok(ReplyData::Login(LoginReply { user }))
+        Ok(Done::Reply(ReplyData::Login(LoginReply {
+            user,
+            inbox: self.inbox.clone(),
+        })))
     }
 
     async fn create_channel(&mut self, channel: String) -> Result<ReplyData, OpError> {
@@ -281,12 +340,13 @@ impl Session {
             let reply = ReplyContext {
                 id,
                 clock,
-                presence,
+                kind: ReplyKind::Subscribe { presence },
             };
             let outbox = self.outbox.clone();
+            let stream = StreamId::channel(&channel);
             gateway
                 .delivery
-                .join(&channel, outbox, (member, user), since, reply)
+                .join(stream, outbox, Some((member, user)), since, reply)
                 .await
                 .map_err(OpError::from)
         }
@@ -319,7 +379,10 @@ impl Session {
     /// Removes the subscription and leaves presence.
     async fn leave(&self, channel: &str) {
         let gateway = &self.gateway;
-        gateway.delivery.leave(channel, self.outbox.id()).await;
+        gateway
+            .delivery
+            .leave(StreamId::channel(channel), self.outbox.id())
+            .await;
         gateway.metrics.subscriptions.dec();
         self.leave_presence(channel).await;
     }
@@ -343,36 +406,58 @@ impl Session {
         channel: String,
         text: String,
         clock: u64,
+        key: Option<String>,
     ) -> Result<ReplyData, OpError> {
         self.check_channel(&channel)?;
         validate::text(&text, self.gateway.config.max_text_bytes)?;
         self.take_token()?;
         let user = self.user()?.user.clone();
-        let reply = self.gateway.publish(&channel, &user, text, clock).await?;
+        let reply = self
+            .gateway
+            .publish(&channel, &user, text, clock, key.as_deref())
+            .await?;
         Ok(ReplyData::Publish(reply))
     }
 
-    async fn direct(&mut self, to: String, text: String, clock: u64) -> Result<ReplyData, OpError> {
+    async fn direct(
+        &mut self,
+        to: String,
+        text: String,
+        clock: u64,
+        key: Option<String>,
+    ) -> Result<ReplyData, OpError> {
         validate::user_name(&to)?;
         validate::text(&text, self.gateway.config.max_text_bytes)?;
         let from = self.user()?.user.clone();
         self.take_token()?;
-        if !self.gateway.user_exists(&to).await? {
-            return Err(OpError::new(ErrorCode::NotFound, format!("no user {to:?}")));
-        }
-        let direct = StoredDirect {
-            msg_id: uuid::Uuid::new_v4(),
-            from,
-            to,
-            text,
-            ts: chrono::Utc::now().timestamp_millis(),
-            clock,
-        };
-        self.gateway.store.send_direct(&direct).await?;
-        self.gateway.metrics.messages_in_total.inc();
-        Ok(ReplyData::Direct(DirectReply {
-            msg_id: direct.msg_id,
+        let reply = inbox::send(&self.gateway, &from, &to, text, clock, key.as_deref()).await?;
+        Ok(ReplyData::Direct(reply))
+    }
+
+    async fn conversations(
+        &self,
+        before: Option<u64>,
+        limit: Option<u32>,
+    ) -> Result<ReplyData, OpError> {
+        let user = &self.user()?.user;
+        let limit = validate::history_limit(limit)?;
+        let conversations = inbox::conversations(&self.gateway, user, before, limit).await?;
+        Ok(ReplyData::Conversations(ConversationsReply {
+            conversations,
         }))
+    }
+
+    async fn dm_history(
+        &self,
+        with: String,
+        before: Option<u64>,
+        limit: Option<u32>,
+    ) -> Result<ReplyData, OpError> {
+        validate::user_name(&with)?;
+        let user = &self.user()?.user;
+        let limit = validate::history_limit(limit)?;
+        let messages = inbox::history(&self.gateway, user, &with, before, limit).await?;
+        Ok(ReplyData::DmHistory(DmHistoryReply { with, messages }))
     }
 
     async fn presence(&self, channel: String) -> Result<ReplyData, OpError> {
@@ -401,7 +486,7 @@ impl Session {
         if let Some(identity) = &self.identity {
             self.gateway
                 .delivery
-                .offline(&identity.user, self.outbox.id())
+                .leave(StreamId::inbox(&identity.user), self.outbox.id())
                 .await;
         }
     }

@@ -1,16 +1,18 @@
-//! Carries out a sequencer's [`Fetch`]: one atomic Redis read of the channel's
-//! position and history range, starting the channel's epoch first when asked.
+//! Carries out a sequencer's [`Fetch`]: one atomic Redis read of the stream's
+//! position and history range, starting the stream's epoch first when asked.
 
+use chatcluster_protocol::stream::StreamId;
+
+use crate::blocks::Blocks;
 use crate::delivery::sequencer::{Fetch, Fetched, ReadFrom};
 use crate::epochs;
-use crate::history::History;
 use crate::store::Store;
 
-/// Runs `fetch` for `channel`; the error is a message for logs.
+/// Runs `fetch` for `stream`; the error is a message for logs.
 pub async fn run(
     store: &Store,
-    history: &History,
-    channel: &str,
+    blocks: &Blocks,
+    stream: &StreamId,
     fetch: &Fetch,
 ) -> Result<Fetched, String> {
     let (from, until) = match fetch.range {
@@ -19,12 +21,12 @@ pub async fn run(
         None => (None, None),
     };
     let (position, messages) = store
-        .read(channel, from, until, fetch.range.is_some())
+        .read(stream, from, until, fetch.range.is_some())
         .await
         .map_err(|e| e.to_string())?;
     let position = match position {
         None if fetch.start_epoch => Some(
-            epochs::start(store, history, channel)
+            epochs::start(store, blocks, stream)
                 .await
                 .map_err(|e| e.to_string())?,
         ),

@@ -45,8 +45,10 @@ fn presence(user: &str) -> Input {
     })))
 }
 
-fn history(from: u64, to: u64) -> Vec<ChannelMessage> {
-    (from..=to).map(message).collect()
+fn history(from: u64, to: u64) -> Vec<ServerFrame> {
+    (from..=to)
+        .map(|offset| ServerFrame::Message(message(offset)))
+        .collect()
 }
 
 fn position(epoch: &str, top: u64) -> Option<Position> {
@@ -78,7 +80,7 @@ impl Client {
         self.done = Some(answer);
         Input::Join(JoinRequest {
             outbox: self.outbox.clone(),
-            presence: (format!("u{}", self.outbox.id()).into(), "u".into()),
+            presence: Some((format!("u{}", self.outbox.id()).into(), "u".into())),
             since: since.map(|(offset, epoch)| Since {
                 offset,
                 epoch: epoch.into(),
@@ -86,7 +88,9 @@ impl Client {
             reply: ReplyContext {
                 id: None,
                 clock: 0,
-                presence: Vec::new(),
+                kind: ReplyKind::Subscribe {
+                    presence: Vec::new(),
+                },
             },
             done,
         })
@@ -141,7 +145,7 @@ struct Harness {
 impl Harness {
     fn new() -> Self {
         let mut effects = Vec::new();
-        let sequencer = Sequencer::new("geral".into(), KEEP, &mut effects);
+        let sequencer = Sequencer::new(StreamId::channel("geral"), KEEP, &mut effects);
         assert_eq!(effects, [Effect::Subscribe]);
         effects.clear();
         Self {
@@ -189,7 +193,7 @@ impl Harness {
         );
     }
 
-    fn answer(&mut self, fetch: &Fetch, position: Option<Position>, messages: Vec<ChannelMessage>) {
+    fn answer(&mut self, fetch: &Fetch, position: Option<Position>, messages: Vec<ServerFrame>) {
         self.input(Input::Fetched(fetch.id, Ok(Fetched { position, messages })));
     }
 }

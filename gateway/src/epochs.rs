@@ -70,6 +70,11 @@ pub async fn extend(
 
 /// Appends to the stream, starting its epoch and reserving blocks as needed.
 /// When the block runs low, the next one is reserved in the background.
+///
+/// When Redis may have run the append without answering, an append with an
+/// idempotency record is sent once more: if Redis answers now, the record
+/// tells what happened. If it does not, the outcome stays unknown, and the
+/// first error (not the retry's) is returned.
 pub async fn append(
     store: &Store,
     blocks: &Blocks,
@@ -77,8 +82,18 @@ pub async fn append(
     append: &Append<'_>,
 ) -> Result<Appended, EpochError> {
     let stream = append.stream;
+    let mut unknown: Option<StoreError> = None;
     for _ in 0..ATTEMPTS {
-        match store.append(append).await {
+        let result = store.append(append).await;
+        if let Some(first) = unknown.take()
+            && matches!(&result, Err(e) if !matches!(e, StoreError::NoEpoch | StoreError::NoBlock { .. }))
+        {
+            // The retry of a write whose outcome was unknown: only an answer
+            // helps (no epoch or no block is one: the record was checked
+            // first and is not there, so the write did not happen).
+            return Err(first.into());
+        }
+        match result {
             Ok(appended) => {
                 if appended.replayed {
                     metrics.idempotent_replays_total.inc();
@@ -95,10 +110,14 @@ pub async fn append(
             Err(StoreError::NoBlock { epoch, top }) => {
                 extend(store, blocks, stream, &epoch, top).await?;
             }
+            Err(error) if error.outcome_unknown() && append.record.is_some() => {
+                tracing::debug!(%stream, %error, "append unanswered: asking again with its idempotency record");
+                unknown = Some(error);
+            }
             Err(error) => return Err(error.into()),
         }
     }
-    Err(EpochError::Contended(stream.clone()))
+    Err(unknown.map_or_else(|| EpochError::Contended(stream.clone()), EpochError::from))
 }
 
 /// Reserves the block after `limit` in a task of its own, unless one is

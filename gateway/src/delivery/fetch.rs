@@ -1,7 +1,9 @@
 //! Carries out a sequencer's [`Fetch`]: one atomic Redis read of the stream's
 //! position and history range, starting the stream's epoch first when asked.
+//! An inbox whose epoch cannot be started (PostgreSQL down) is read as one
+//! without an epoch, so users still log in: its first direct message starts it.
 
-use chatcluster_protocol::stream::StreamId;
+use chatcluster_protocol::stream::{StreamId, StreamKind};
 
 use crate::blocks::Blocks;
 use crate::delivery::sequencer::{Fetch, Fetched, ReadFrom};
@@ -25,11 +27,14 @@ pub async fn run(
         .await
         .map_err(|e| e.to_string())?;
     let position = match position {
-        None if fetch.start_epoch => Some(
-            epochs::start(store, blocks, stream)
-                .await
-                .map_err(|e| e.to_string())?,
-        ),
+        None if fetch.start_epoch => match epochs::start(store, blocks, stream).await {
+            Ok(position) => Some(position),
+            Err(error) if stream.kind == StreamKind::Inbox => {
+                tracing::warn!(%stream, %error, "inbox epoch not started yet");
+                None
+            }
+            Err(error) => return Err(error.to_string()),
+        },
         other => other,
     };
     Ok(Fetched { position, messages })

@@ -32,7 +32,7 @@ use tokio::time::Instant;
 use chatcluster_protocol::frame::{
     ErrorCode, InboxPosition, LoginReply, ReplyData, RequestId, ServerFrame, Since, SubscribeReply,
 };
-use chatcluster_protocol::stream::StreamId;
+use chatcluster_protocol::stream::{StreamId, StreamKind};
 
 use crate::outbox::{ConnId, Outbox, Pushed, SharedFrame};
 pub use crate::store::Position;
@@ -475,6 +475,14 @@ impl Sequencer {
                 position: Some(position),
                 ..
             }) => position,
+            // An inbox without an epoch yet: live with none; its first
+            // message starts one and is read from history like a new epoch.
+            Ok(Fetched { position: None, .. }) if self.stream.kind == StreamKind::Inbox => {
+                Position {
+                    epoch: String::new(),
+                    top: 0,
+                }
+            }
             Ok(Fetched { position: None, .. }) => {
                 self.fail_all(&JoinError::unavailable("no epoch could be started"));
                 return;

@@ -57,7 +57,8 @@ impl GatewayOptions {
 }
 
 impl Gateway {
-    /// Starts a gateway against `redis_url` and waits until it is ready.
+    /// Starts a gateway against `redis_url` and waits until it is ready;
+    /// without a `DATABASE_URL` in the options it runs `EPHEMERAL`.
     pub fn start(redis_url: &str, options: GatewayOptions) -> Self {
         let admin_port = free_port();
         let mut command = Command::new(env!("CARGO_BIN_EXE_chatcluster-gateway"));
@@ -83,6 +84,9 @@ impl Gateway {
                 Some(port)
             }
         };
+        if !options.env.iter().any(|(key, _)| key == "DATABASE_URL") {
+            command.env("EPHEMERAL", "true");
+        }
         for (key, value) in &options.env {
             command.env(key, value);
         }

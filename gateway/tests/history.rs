@@ -133,13 +133,20 @@ async fn history_pages_from_postgres_and_offsets_survive_a_redis_wipe() {
     .fetch_one(&pool)
     .await
     .unwrap();
-    assert!(reserved >= 150, "every offset handed out was reserved first");
+    assert!(
+        reserved >= 150,
+        "every offset handed out was reserved first"
+    );
     redis.command(&["FLUSHALL"]);
     let reply = client
         .ok(json!({"op": "publish", "channel": "hist", "text": "after the wipe"}))
         .await;
     let after = reply["offset"].as_u64().unwrap();
-    assert_eq!(after, reserved as u64 + 1, "offsets never repeat across epochs");
+    assert_eq!(
+        after,
+        reserved as u64 + 1,
+        "offsets never repeat across epochs"
+    );
     // History crosses the epochs: the new message at once (from Redis), then
     // the old ones from PostgreSQL.
     let newest = page(&mut client, "hist", None, 2).await;
@@ -186,7 +193,10 @@ async fn history_is_complete_up_to_now_and_pages_cross_into_postgres_without_gap
             break;
         }
         let got = offsets(&messages);
-        assert!(got.windows(2).all(|w| w[1] == w[0] + 1), "no gap in {got:?}");
+        assert!(
+            got.windows(2).all(|w| w[1] == w[0] + 1),
+            "no gap in {got:?}"
+        );
         for offset in &got {
             assert!(seen.insert(*offset), "{offset} twice");
         }

@@ -219,10 +219,7 @@ async fn redis_down_means_unavailable_then_recovers() {
     let (code, _) = publisher
         .err(json!({"op": "publish", "channel": "geral", "text": "during"}))
         .await;
-    assert!(
-        code == "unknown_outcome" || code == "unavailable",
-        "{code}"
-    );
+    assert!(code == "unknown_outcome" || code == "unavailable", "{code}");
     assert!(
         wait_until(std::time::Duration::from_secs(5), || http_status_blocking(
             gateway.admin_port,

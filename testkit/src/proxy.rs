@@ -7,7 +7,11 @@
 //!   closed, as when a network path dies after the server acted but before the
 //!   client heard back ("the command ran, the reply was lost");
 //! - while [`FaultProxy::black_hole`] is on, every byte either way is dropped
-//!   and nothing is closed: a half-open link that looks alive to both ends.
+//!   and nothing is closed: a half-open link that looks alive to both ends;
+//! - while [`FaultProxy::refuse`] is on, open connections are closed and new
+//!   ones closed at once: the server is unreachable.
+//!   [`FaultProxy::refuse_after_loss`] turns it on the moment the reply is
+//!   lost, so the client cannot ask again what happened.
 
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -28,6 +32,8 @@ pub struct LoseReply {
 struct Shared {
     fault: Option<LoseReply>,
     black_hole: AtomicBool,
+    refusing: AtomicBool,
+    refuse_after_loss: AtomicBool,
     armed: AtomicBool,
     fired: AtomicUsize,
     closed: AtomicBool,
@@ -62,6 +68,8 @@ impl FaultProxy {
         let shared = Arc::new(Shared {
             fault,
             black_hole: AtomicBool::new(false),
+            refusing: AtomicBool::new(false),
+            refuse_after_loss: AtomicBool::new(false),
             armed: AtomicBool::new(true),
             fired: AtomicUsize::new(0),
             closed: AtomicBool::new(false),
@@ -73,6 +81,9 @@ impl FaultProxy {
                 let Ok(client) = client else { return };
                 if accepting.closed.load(Ordering::SeqCst) {
                     return;
+                }
+                if accepting.refusing.load(Ordering::SeqCst) {
+                    continue;
                 }
                 let Ok(server) = UnixStream::connect(&target) else {
                     continue;
@@ -97,6 +108,16 @@ impl FaultProxy {
     /// Drops every byte either way while `on`, closing nothing.
     pub fn black_hole(&self, on: bool) {
         self.shared.black_hole.store(on, Ordering::SeqCst);
+    }
+
+    /// Closes every connection, and each new one at once, while `on`.
+    pub fn refuse(&self, on: bool) {
+        self.shared.refusing.store(on, Ordering::SeqCst);
+    }
+
+    /// Starts refusing connections when the reply is lost.
+    pub fn refuse_after_loss(&self, on: bool) {
+        self.shared.refuse_after_loss.store(on, Ordering::SeqCst);
     }
 
     /// How many replies were lost (0 or 1).
@@ -130,7 +151,7 @@ fn pump(client: UnixStream, server: UnixStream, shared: Arc<Shared>) {
         std::thread::spawn(move || {
             let mut buf = vec![0u8; 64 * 1024];
             while let Ok(n) = client_in.read(&mut buf) {
-                if n == 0 {
+                if n == 0 || shared.refusing.load(Ordering::SeqCst) {
                     break;
                 }
                 if shared.black_hole.load(Ordering::SeqCst) {
@@ -155,7 +176,7 @@ fn pump(client: UnixStream, server: UnixStream, shared: Arc<Shared>) {
     let (mut server_in, mut client_out) = (server, client);
     let mut buf = vec![0u8; 64 * 1024];
     while let Ok(n) = server_in.read(&mut buf) {
-        if n == 0 {
+        if n == 0 || shared.refusing.load(Ordering::SeqCst) {
             break;
         }
         if shared.black_hole.load(Ordering::SeqCst) {
@@ -165,6 +186,9 @@ fn pump(client: UnixStream, server: UnixStream, shared: Arc<Shared>) {
             && asked.load(Ordering::SeqCst)
             && shared.armed.swap(false, Ordering::SeqCst)
         {
+            if shared.refuse_after_loss.load(Ordering::SeqCst) {
+                shared.refusing.store(true, Ordering::SeqCst);
+            }
             shared.fired.fetch_add(1, Ordering::SeqCst);
             break;
         }

@@ -119,7 +119,7 @@ pub async fn conversations(
 ) -> Result<Vec<Conversation>, OpError> {
     let recent = gateway
         .store
-        .read_page(&StreamId::inbox(user), before, gateway.config.history_size)
+        .read_page(&StreamId::inbox(user), None, gateway.config.history_size)
         .await?;
     let mut newest: HashMap<String, DirectMessage> = HashMap::new();
     for message in directs(recent.entries) {
@@ -140,6 +140,7 @@ pub async fn conversations(
     }
     let mut list: Vec<Conversation> = newest
         .into_iter()
+        .filter(|(_, last)| before.is_none_or(|before| offset(last) < before))
         .map(|(with, last)| Conversation { with, last })
         .collect();
     list.sort_by_key(|c| std::cmp::Reverse(offset(&c.last)));

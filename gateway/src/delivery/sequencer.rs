@@ -668,12 +668,21 @@ impl Sequencer {
             }));
             return;
         }
-        for frame in pushes {
-            let frame = SharedFrame::new(frame);
-            self.tally_push(outbox.push_shared(&frame));
+        let mut newest = None;
+        for frame in pushes.into_iter().map(SharedFrame::new).chain(kept) {
+            let pushed = outbox.push_shared(&frame);
+            if pushed == Pushed::Queued && offset_of(&frame) != u64::MAX {
+                newest = Some(offset_of(&frame));
+            }
+            self.tally_push(pushed);
         }
-        for frame in &kept {
-            self.tally_push(outbox.push_shared(frame));
+        if let Some(offset) = newest
+            && self
+                .pushed
+                .as_ref()
+                .is_none_or(|(e, o)| **e != *epoch || *o < offset)
+        {
+            self.pushed = Some((epoch.into(), offset));
         }
         let _ = done.send(Ok(Joined {
             epoch: epoch.to_owned(),

@@ -143,6 +143,7 @@ pub struct Client {
     next_id: i64,
     pushes: VecDeque<Value>,
     pub clock: u64,
+    closed: bool,
 }
 
 /// Connects with a subprotocol and optional extra headers; `Err` carries the HTTP rejection.
@@ -178,6 +179,7 @@ pub async fn try_connect(
         next_id: 1,
         pushes: VecDeque::new(),
         clock: 0,
+        closed: false,
     })
 }
 
@@ -215,13 +217,15 @@ impl Client {
         id
     }
 
-    /// Reads the next server frame (any kind), decoded; `None` on close or timeout.
+    /// Reads the next server frame (any kind), decoded; `None` on close or
+    /// timeout ([`Client::is_closed`] tells which).
     pub async fn next_frame(&mut self, timeout: Duration) -> Option<Value> {
         loop {
-            let message = tokio::time::timeout(timeout, self.ws.next())
-                .await
-                .ok()??
-                .ok()?;
+            let next = tokio::time::timeout(timeout, self.ws.next()).await.ok()?;
+            let Some(Ok(message)) = next else {
+                self.closed = true;
+                return None;
+            };
             let bytes = match message {
                 Message::Text(text) => {
                     assert_eq!(
@@ -239,7 +243,10 @@ impl Client {
                     );
                     bytes.to_vec()
                 }
-                Message::Close(_) => return None,
+                Message::Close(_) => {
+                    self.closed = true;
+                    return None;
+                }
                 _ => continue,
             };
             let value: Value = codec::decode(self.encoding, &bytes).expect("server frame decodes");
@@ -281,6 +288,21 @@ impl Client {
             reply["code"].as_str().unwrap().to_owned(),
             reply["message"].as_str().unwrap().to_owned(),
         )
+    }
+
+    /// Whether the server closed the connection (or it broke).
+    pub fn is_closed(&self) -> bool {
+        self.closed
+    }
+
+    /// Keeps a push read while waiting for something else, for [`Client::push`].
+    pub fn keep(&mut self, frame: Value) {
+        self.pushes.push_back(frame);
+    }
+
+    /// The oldest push kept, without reading the socket.
+    pub fn kept(&mut self) -> Option<Value> {
+        self.pushes.pop_front()
     }
 
     /// The next push (message, direct or presence frame).

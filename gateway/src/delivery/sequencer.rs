@@ -577,8 +577,8 @@ impl Sequencer {
                     let kept = kept.into_iter().filter(|f| offset_of(f) > floor).collect();
                     self.reply(request, &current, floor, recovered, Vec::new(), kept);
                 } else {
-                    let first = fetched.messages.first().map(|m| offset_of_frame(m));
-                    let last = fetched.messages.last().map(|m| offset_of_frame(m));
+                    let first = fetched.messages.first().map(offset_of_frame);
+                    let last = fetched.messages.last().map(offset_of_frame);
                     let complete = first == Some(since.offset + 1)
                         && last == Some(cut)
                         && fetched.messages.len() as u64 == cut - since.offset;

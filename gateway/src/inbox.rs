@@ -26,7 +26,7 @@ use chatcluster_protocol::stream::StreamId;
 use crate::history::HistoryError;
 use crate::pages;
 use crate::state::{Gateway, OpError};
-use crate::store::Append;
+use crate::store::{Append, Appended, Page};
 
 /// The other user of a direct message, seen from `user`'s inbox.
 fn partner<'a>(message: &'a DirectMessage, user: &str) -> &'a str {
@@ -50,7 +50,6 @@ pub async fn send(
     if !gateway.user_exists(to).await? {
         return Err(OpError::new(ErrorCode::NotFound, format!("no user {to:?}")));
     }
-    let shards = gateway.config.stream_shards;
     let mut direct = StoredDirect {
         msg_id: uuid::Uuid::new_v4(),
         from: from.to_owned(),
@@ -59,15 +58,7 @@ pub async fn send(
         ts: chrono::Utc::now().timestamp_millis(),
         clock,
     };
-    let recipient = StreamId::inbox(to);
-    let received = gateway
-        .append(&Append {
-            stream: &recipient,
-            payload: direct.encode(),
-            msg_id: direct.msg_id,
-            record: key.map(|key| keys::direct_record_key(to, from, key, shards)),
-        })
-        .await?;
+    let received = enter(gateway, to, &direct, key).await?;
     if !received.replayed {
         gateway.metrics.messages_in_total.inc();
     }
@@ -79,19 +70,39 @@ pub async fn send(
     }
     // The sender's copy is the same message, also when the first step was a replay.
     direct.msg_id = received.msg_id;
-    let sender = StreamId::inbox(from);
-    let sent = gateway
-        .append(&Append {
-            stream: &sender,
-            payload: direct.encode(),
-            msg_id: direct.msg_id,
-            record: key.map(|key| keys::direct_record_key(from, from, key, shards)),
-        })
-        .await?;
+    let sent = enter(gateway, from, &direct, key).await?;
     Ok(DirectReply {
         msg_id: received.msg_id,
         offset: sent.offset,
     })
+}
+
+/// Appends `direct` to `owner`'s inbox, with its idempotency record there.
+async fn enter(
+    gateway: &Gateway,
+    owner: &str,
+    direct: &StoredDirect,
+    key: Option<&str>,
+) -> Result<Appended, OpError> {
+    let shards = gateway.config.stream_shards;
+    let inbox = StreamId::inbox(owner);
+    gateway
+        .append(&Append {
+            stream: &inbox,
+            payload: direct.encode(),
+            msg_id: direct.msg_id,
+            record: key.map(|key| keys::direct_record_key(owner, &direct.from, key, shards)),
+        })
+        .await
+}
+
+/// Everything Redis keeps of `user`'s inbox below `before`, newest first.
+async fn recent(gateway: &Gateway, user: &str, before: Option<u64>) -> Result<Page, OpError> {
+    let inbox = StreamId::inbox(user);
+    Ok(gateway
+        .store
+        .read_page(&inbox, before, gateway.config.history_size)
+        .await?)
 }
 
 /// The direct messages of a Redis inbox page, newest first.
@@ -117,10 +128,7 @@ pub async fn conversations(
     before: Option<u64>,
     limit: u32,
 ) -> Result<Vec<Conversation>, OpError> {
-    let recent = gateway
-        .store
-        .read_page(&StreamId::inbox(user), None, gateway.config.history_size)
-        .await?;
+    let recent = recent(gateway, user, None).await?;
     let mut newest: HashMap<String, DirectMessage> = HashMap::new();
     for message in directs(recent.entries) {
         newest
@@ -157,10 +165,7 @@ pub async fn history(
     before: Option<u64>,
     limit: u32,
 ) -> Result<Vec<DirectMessage>, OpError> {
-    let recent = gateway
-        .store
-        .read_page(&StreamId::inbox(user), before, gateway.config.history_size)
-        .await?;
+    let recent = recent(gateway, user, before).await?;
     let limit_n = limit as usize;
     let split = pages::split(
         directs(recent.entries),

@@ -199,6 +199,13 @@ async fn restarted(redis: &mut RedisServer, gateway: &Gateway) {
     );
 }
 
+/// A new client's `subscribe` to `c` recovering after (`offset`, `epoch`).
+async fn resubscribe(gateway: &Gateway, offset: u64, epoch: &Value) -> Value {
+    let mut late = login(&gateway.ws_url(), Encoding::Json, "late").await;
+    late.ok(json!({"op": "subscribe", "channel": "c", "since": {"offset": offset, "epoch": epoch}}))
+        .await
+}
+
 /// Publishes until one is acknowledged (the first try after a restart can
 /// meet the broken connection).
 async fn publish_after_restart(client: &mut Client, text: &str) -> Value {
@@ -254,10 +261,7 @@ async fn a_rewound_redis_starts_a_new_epoch_above_every_offset_handed_out() {
         got[3..got.len() - 1].iter().all(|o| [4, 5].contains(o)),
         "{got:?}"
     );
-    let mut late = login(&gateway.ws_url(), Encoding::Json, "late").await;
-    let reply = late
-        .ok(json!({"op": "subscribe", "channel": "c", "since": {"offset": 5, "epoch": epoch}}))
-        .await;
+    let reply = resubscribe(&gateway, 5, &epoch).await;
     assert_ne!(reply["epoch"], epoch, "a new epoch");
     assert_eq!(reply["recovered"], false);
     assert_eq!(reply["offset"], after);
@@ -280,10 +284,7 @@ async fn redis_restarted_from_an_aof_flushed_on_every_write_keeps_its_epochs() {
         after["offset"], 4,
         "nothing was lost, so nothing is skipped"
     );
-    let mut late = login(&gateway.ws_url(), Encoding::Json, "late").await;
-    let reply = late
-        .ok(json!({"op": "subscribe", "channel": "c", "since": {"offset": 2, "epoch": epoch}}))
-        .await;
+    let reply = resubscribe(&gateway, 2, &epoch).await;
     assert_eq!(reply["epoch"], epoch, "the same epoch");
     assert_eq!(reply["recovered"], true);
     assert_eq!(offsets(reply["missed"].as_array().unwrap()), [3, 4]);

@@ -222,26 +222,30 @@ async fn call(client: &mut Client, request: Value) -> Option<Value> {
     }
 }
 
-/// What a publisher had acknowledged: key → (offset, msg_id).
+/// What a writer had acknowledged: (key, offset, msg_id).
 type Acked = Vec<(String, u64, String)>;
 
-/// Publishes at a steady rate until `stop`, retrying each message with its
-/// key until it is acknowledged (whatever the error, or a lost connection).
-async fn publisher(url: String, id: usize, stop: Arc<AtomicBool>) -> (Acked, u64) {
-    let user = format!("pub{id}");
+/// Sends what `request(n)` builds at `rate` per second until `stop`, each
+/// request retried with its key (whatever the error, or a lost connection)
+/// until it is acknowledged. Returns the acknowledgements and the retries.
+async fn write_steadily(
+    url: String,
+    user: String,
+    rate: u64,
+    stop: Arc<AtomicBool>,
+    request: impl Fn(u64) -> (String, Value),
+) -> (Acked, u64) {
     let (mut client, _) = connect(&url, &user, None).await;
-    let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / RATE));
+    let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / rate));
     let (mut acked, mut retries) = (Vec::new(), 0);
     for n in 0.. {
         tick.tick().await;
         if stop.load(Ordering::Acquire) {
             break;
         }
-        let key = format!("p{id}-{n}");
+        let (key, request) = request(n);
         loop {
-            let request =
-                json!({"op": "publish", "channel": CHANNEL, "text": key, "idempotency_key": key});
-            match call(&mut client, request).await {
+            match call(&mut client, request.clone()).await {
                 Some(reply) if reply["type"] == "ok" => {
                     let data = &reply["data"];
                     acked.push((
@@ -263,6 +267,17 @@ async fn publisher(url: String, id: usize, stop: Arc<AtomicBool>) -> (Acked, u64
         }
     }
     (acked, retries)
+}
+
+/// Publishes to the channel with idempotency keys (the text is the key).
+async fn publisher(url: String, id: usize, stop: Arc<AtomicBool>) -> (Acked, u64) {
+    write_steadily(url, format!("pub{id}"), RATE, stop, move |n| {
+        let key = format!("p{id}-{n}");
+        let request =
+            json!({"op": "publish", "channel": CHANNEL, "text": key, "idempotency_key": key});
+        (key, request)
+    })
+    .await
 }
 
 /// What a subscriber received, in order.
@@ -375,43 +390,14 @@ async fn subscriber(url: String, name: String, stop: Arc<AtomicBool>) -> Receive
     }
 }
 
-/// Sends direct messages from alice to carol at a steady rate, each retried
-/// with its key until acknowledged.
+/// Sends direct messages from alice to carol with idempotency keys (the text is the key).
 async fn dm_sender(url: String, stop: Arc<AtomicBool>) -> (Acked, u64) {
-    let (mut client, _) = connect(&url, "alice", None).await;
-    let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / DM_RATE));
-    let (mut acked, mut retries) = (Vec::new(), 0);
-    for n in 0.. {
-        tick.tick().await;
-        if stop.load(Ordering::Acquire) {
-            break;
-        }
+    write_steadily(url, "alice".into(), DM_RATE, stop, |n| {
         let key = format!("d-{n}");
-        loop {
-            let request =
-                json!({"op": "message", "to": "carol", "text": key, "idempotency_key": key});
-            match call(&mut client, request).await {
-                Some(reply) if reply["type"] == "ok" => {
-                    let data = &reply["data"];
-                    acked.push((
-                        key.clone(),
-                        data["offset"].as_u64().unwrap(),
-                        data["msg_id"].as_str().unwrap().to_owned(),
-                    ));
-                    break;
-                }
-                Some(_) => {
-                    retries += 1;
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                None => {
-                    retries += 1;
-                    client = connect(&url, "alice", None).await.0;
-                }
-            }
-        }
-    }
-    (acked, retries)
+        let request = json!({"op": "message", "to": "carol", "text": key, "idempotency_key": key});
+        (key, request)
+    })
+    .await
 }
 
 /// Carol: online for a while, offline for as long, again and again; at each

@@ -15,33 +15,6 @@ use chatcluster_testkit::Postgres;
 use common::*;
 use serde_json::{Value, json};
 
-/// Runs a worker in-process; returns once it migrated the database and is ready.
-async fn start_worker(
-    redis_url: &str,
-    database_url: &str,
-    batch: (usize, Duration),
-) -> tokio::sync::oneshot::Sender<()> {
-    let mut config = chatcluster_worker::Config::new(redis_url, database_url, "history-test");
-    (config.batch_size, config.batch_timeout) = batch;
-    let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = admin.local_addr().unwrap().port();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(async move {
-        chatcluster_worker::worker::run(config, admin, async move {
-            let _ = stopped.await;
-        })
-        .await
-        .unwrap();
-    });
-    for _ in 0..300 {
-        if chatcluster_testkit::http::get(port, "/ready").await.0 == 200 {
-            return stop;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("worker not ready");
-}
-
 async fn rows(pool: &sqlx::PgPool, channel: &str) -> i64 {
     sqlx::query_scalar("SELECT count(*) FROM messages WHERE channel = $1")
         .bind(channel)
@@ -87,7 +60,8 @@ async fn history_pages_from_postgres_and_offsets_survive_a_redis_wipe() {
     let _worker = start_worker(
         &redis.url(),
         &postgres.url(),
-        (100, Duration::from_millis(50)),
+        100,
+        Duration::from_millis(50),
     )
     .await;
     let gateway = Gateway::start(&redis.url(), options(&postgres, "50"));
@@ -162,7 +136,7 @@ async fn history_is_complete_up_to_now_and_pages_cross_into_postgres_without_gap
     let redis = RedisServer::start();
     let postgres = Postgres::start();
     // Batches of 10 and a minute's timeout: PostgreSQL lags behind on purpose.
-    let _worker = start_worker(&redis.url(), &postgres.url(), (10, Duration::from_secs(60))).await;
+    let _worker = start_worker(&redis.url(), &postgres.url(), 10, Duration::from_secs(60)).await;
     let gateway = Gateway::start(&redis.url(), options(&postgres, "10"));
     let pool = sqlx::PgPool::connect(&postgres.url()).await.unwrap();
     let mut client = login(&gateway.ws_url(), Encoding::Json, "writer").await;

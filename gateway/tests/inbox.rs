@@ -131,29 +131,6 @@ async fn a_message_to_an_offline_user_is_pushed_at_their_next_login() {
     no_direct_pending(&mut tablet).await;
 }
 
-/// Runs a worker in-process (small batches, written at once).
-async fn start_worker(redis_url: &str, database_url: &str) -> tokio::sync::oneshot::Sender<()> {
-    let mut config = chatcluster_worker::Config::new(redis_url, database_url, "inbox-test");
-    config.batch_timeout = Duration::from_millis(20);
-    let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = admin.local_addr().unwrap().port();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(async move {
-        chatcluster_worker::worker::run(config, admin, async move {
-            let _ = stopped.await;
-        })
-        .await
-        .unwrap();
-    });
-    for _ in 0..300 {
-        if chatcluster_testkit::http::get(port, "/ready").await.0 == 200 {
-            return stop;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("worker not ready");
-}
-
 async fn conversation(
     client: &mut Client,
     with: &str,
@@ -173,7 +150,13 @@ async fn conversation(
 async fn conversations_and_their_pages_come_from_redis_and_postgres_without_gap_or_repeat() {
     let redis = RedisServer::start();
     let postgres = Postgres::start();
-    let _worker = start_worker(&redis.url(), &postgres.url()).await;
+    let _worker = start_worker(
+        &redis.url(),
+        &postgres.url(),
+        100,
+        Duration::from_millis(20),
+    )
+    .await;
     // Redis keeps 4 messages per inbox: older pages come from PostgreSQL.
     let gateway = Gateway::start(
         &redis.url(),

@@ -366,3 +366,33 @@ pub fn texts(frames: &[Value]) -> Vec<String> {
         .map(|f| f["text"].as_str().unwrap().to_owned())
         .collect()
 }
+
+/// Runs a worker in-process with batches of `batch_size` entries written
+/// after `batch_timeout` at the latest; returns once it migrated the database
+/// and is ready. Dropping the sender stops it.
+pub async fn start_worker(
+    redis_url: &str,
+    database_url: &str,
+    batch_size: usize,
+    batch_timeout: Duration,
+) -> tokio::sync::oneshot::Sender<()> {
+    let mut config = chatcluster_worker::Config::new(redis_url, database_url, "gateway-test");
+    (config.batch_size, config.batch_timeout) = (batch_size, batch_timeout);
+    let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = admin.local_addr().unwrap().port();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        chatcluster_worker::worker::run(config, admin, async move {
+            let _ = stopped.await;
+        })
+        .await
+        .unwrap();
+    });
+    for _ in 0..300 {
+        if chatcluster_testkit::http::get(port, "/ready").await.0 == 200 {
+            return stop;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("worker not ready");
+}

@@ -376,7 +376,7 @@ impl Store {
                 if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
             {
                 self.new_life().await?;
-                self.timed(script.load_async(&mut conn)).await?;
+                self.load_all().await?;
                 self.timed(command.query_async(&mut conn)).await
             }
             other => other,
@@ -409,9 +409,9 @@ impl Store {
             .ok()
             .and_then(|pair| pair.into_iter().nth(1));
         let life = life::parse(&info, fsync.as_deref()).map_err(|e| corrupt(&e))?;
-        let mut generations = Vec::new();
+        let (mut generations, mut recorded) = (Vec::new(), false);
         for shard in 0..self.settings.shards.max(1) {
-            let generation: u64 = self
+            let (generation, new): (u64, u8) = self
                 .timed(
                     self.scripts
                         .new_life
@@ -422,14 +422,42 @@ impl Store {
                 )
                 .await?;
             generations.push(generation);
+            recorded |= new == 1;
         }
-        tracing::info!(
-            run_id = %life.run_id,
-            lossless = life.lossless,
-            ?generations,
-            "serving a Redis process not seen before: its life is recorded"
-        );
+        if recorded {
+            tracing::info!(
+                run_id = %life.run_id,
+                lossless = life.lossless,
+                ?generations,
+                "serving a Redis process not seen before: its life is recorded"
+            );
+        }
         Ok(())
+    }
+
+    /// Loads every script into Redis's script cache (one round trip).
+    async fn load_all(&self) -> Result<(), StoreError> {
+        let scripts = &self.scripts;
+        let mut pipe = redis::pipe();
+        for script in [
+            &scripts.append,
+            &scripts.init,
+            &scripts.extend,
+            &scripts.read,
+            &scripts.page,
+            &scripts.cursor,
+            &scripts.seen,
+            &scripts.register,
+            &scripts.join,
+            &scripts.leave,
+            &scripts.sweep,
+        ] {
+            pipe.load_script(script);
+        }
+        let mut conn = self.conn.clone();
+        self.timed(pipe.query_async::<Vec<String>>(&mut conn))
+            .await
+            .map(drop)
     }
 
     /// `PING`.

@@ -289,3 +289,36 @@ async fn redis_restarted_from_an_aof_flushed_on_every_write_keeps_its_epochs() {
     assert_eq!(reply["recovered"], true);
     assert_eq!(offsets(reply["missed"].as_array().unwrap()), [3, 4]);
 }
+
+#[tokio::test]
+async fn server_side_publishes_are_idempotent_with_a_key_header_or_field() {
+    let redis = RedisServer::start();
+    let gateway = Gateway::start(
+        &redis.url(),
+        GatewayOptions::default().env("API_KEY", "secret"),
+    );
+    let port = gateway.port.unwrap();
+    let post = |headers: Vec<(&'static str, &'static str)>, body: &'static str| async move {
+        let mut all = vec![
+            ("Authorization", "Bearer secret"),
+            ("Content-Type", "application/json"),
+        ];
+        all.extend(headers);
+        let (status, body) = http(port, "POST", "/api/channels/ops/messages", &all, body).await;
+        (status, serde_json::from_str::<Value>(&body).unwrap())
+    };
+    let body = r#"{"user":"bot","text":"deployed"}"#;
+    let (status, first) = post(vec![("Idempotency-Key", "deploy-42")], body).await;
+    assert_eq!(status, 201, "{first}");
+    let (status, again) = post(vec![("Idempotency-Key", "deploy-42")], body).await;
+    assert_eq!((status, &again), (201, &first));
+    let keyed = r#"{"user":"bot","text":"deployed","idempotency_key":"deploy-42"}"#;
+    assert_eq!(
+        post(vec![], keyed).await.1,
+        first,
+        "the body's key is the same key"
+    );
+    assert_eq!(history_len(&redis, "ops"), 1);
+    let (status, error) = post(vec![("Idempotency-Key", "has space")], body).await;
+    assert_eq!((status, error["code"].as_str()), (400, Some("bad_request")));
+}

@@ -190,18 +190,19 @@ return {base, redis.call('XREVRANGE', KEYS[2], ARGV[1], '-', 'COUNT', ARGV[2])}
 /// generation only when both it and the previous one were lossless: a crash
 /// of either kind of loss, a wipe (no life key), or a failover starts a new
 /// generation, and every stream of the shard a new epoch on its next use.
-/// Returns the generation.
+/// Returns `{generation, recorded}`: `recorded` is 1 when this call recorded
+/// the process (0: it was already).
 pub const NEW_LIFE: &str = r#"
 local life = redis.call('HMGET', KEYS[1], 'run', 'gen', 'lossless')
 if life[1] == ARGV[1] then
-  return tonumber(life[2] or 0)
+  return {tonumber(life[2] or 0), 0}
 end
 local gen = tonumber(life[2] or 0)
 if not (life[3] == '1' and ARGV[2] == '1') then
   gen = redis.call('HINCRBY', KEYS[1], 'gen', 1)
 end
 redis.call('HSET', KEYS[1], 'run', ARGV[1], 'lossless', ARGV[2])
-return gen
+return {gen, 1}
 "#;
 
 /// Read where a user's inbox stands and what was last pushed to the user.

@@ -3,7 +3,7 @@
 //!
 //! A direct message enters two inboxes, the recipient's and the sender's
 //! (one for a note to oneself), each at that user's next inbox offset. Each
-//! inbox is a sequenced stream like a channel ([`crate::stream`]): the
+//! inbox is a sequenced stream like a channel ([`chatcluster_protocol::stream`]): the
 //! recipient's connections receive it live or, when none is connected, on
 //! their next login (recovered like a channel, by offset), and the sender's
 //! other connections see what it sent. The two appends are two atomic steps

@@ -10,12 +10,12 @@
 //! Layers, each depending only on those below it:
 //! - lifecycle and HTTP: [`server`] (listeners, drain), [`app`] (routes),
 //!   [`connection`] (WebSocket upgrade and socket I/O), [`api`] (HTTP API);
-//! - operations: [`session`] (one client's protocol operations), [`state`]
-//!   (the shared gateway and operations both doors use), [`presence`] upkeep;
-//! - the delivery core: [`delivery`] (dispatchers and per-channel sequencers),
-//!   [`pubsub`] (the subscriber connection), [`outbox`] (per-connection queues),
-//!   [`ws`] (WebSocket framing);
-//! - direct messages: [`inbox`] (send, conversations, one conversation's pages);
+//! - operations: [`session`] (one client's protocol operations), [`inbox`]
+//!   (direct messages: send, conversations, one conversation's pages),
+//!   [`state`] (the shared gateway and operations both doors use), [`presence`] upkeep;
+//! - the delivery core: [`delivery`] (dispatchers and the sequencers of
+//!   channels and user inboxes), [`pubsub`] (the subscriber connection),
+//!   [`outbox`] (per-connection queues), [`ws`] (WebSocket framing);
 //! - offsets and pages: [`epochs`] (writes that never reuse an offset),
 //!   [`blocks`] (offsets reserved in PostgreSQL), [`life`] (which Redis
 //!   process, and whether it can lose writes), [`pages`] (history merged from

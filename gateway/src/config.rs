@@ -86,7 +86,7 @@ pub struct Config {
     /// Offsets of a channel or inbox reserved in PostgreSQL at a time (the
     /// next block is reserved when half is left; a new epoch may skip up to
     /// this many offsets).
-    #[arg(long, env = "OFFSET_BLOCK", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(2..=1_000_000_000))]
+    #[arg(long, env = "OFFSET_BLOCK", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(100..=1_000_000_000))]
     pub offset_block: u64,
     /// Name of this gateway process in logs and presence members (default: host name and pid).
     #[arg(long, env = "INSTANCE_ID")]
@@ -255,7 +255,7 @@ mod tests {
         assert_eq!(config.idempotency_window, Duration::from_secs(600));
         assert_eq!(config.validate(), Ok(()));
         assert!(Config::try_parse_from(["gw", "--stream-shards", "0"]).is_err());
-        assert!(Config::try_parse_from(["gw", "--offset-block", "1"]).is_err());
+        assert!(Config::try_parse_from(["gw", "--offset-block", "99"]).is_err());
     }
 
     #[test]

@@ -12,10 +12,12 @@ use std::io::IoSlice;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Query, Request, State};
+use axum::extract::{Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
+use futures_util::stream::FuturesOrdered;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use serde::Deserialize;
@@ -25,7 +27,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
 use chatcluster_protocol::codec::{self, Encoding};
-use chatcluster_protocol::frame::{ErrorCode, RequestError, ServerFrame};
+use chatcluster_protocol::frame::{ErrorCode, Request, RequestError, ServerFrame};
 
 use crate::api::ApiError;
 use crate::auth::{self, Identity};
@@ -34,8 +36,13 @@ use crate::session::Session;
 use crate::state::Gateway;
 use crate::ws::{self, FrameReader, Incoming, WsError};
 
+/// Publishes (and direct messages) of one connection in flight at once; the
+/// socket is not read while that many wait for Redis.
+const MAX_PIPELINE: usize = 64;
 /// Bytes read from the socket per read at most.
 const READ_CHUNK: usize = 4096;
+/// Queue slots a connection keeps allocated between writes.
+const KEPT_CHUNKS: usize = 8;
 /// Most buffers handed to one vectored write.
 const MAX_IOV: usize = 512;
 /// How long a closing connection may take to send what is queued and its close frame.
@@ -52,7 +59,7 @@ pub struct WsQuery {
 pub async fn upgrade(
     State(gateway): State<Arc<Gateway>>,
     Query(query): Query<WsQuery>,
-    mut request: Request,
+    mut request: axum::extract::Request,
 ) -> Result<Response, ApiError> {
     let reject = |reason: &'static str, error: ApiError| {
         gateway
@@ -114,12 +121,7 @@ pub async fn upgrade(
     };
     let on_upgrade = hyper::upgrade::on(&mut request);
     let tracker = gateway.connections.clone();
-    tracker.spawn(async move {
-        match on_upgrade.await {
-            Ok(upgraded) => run(gateway, upgraded, identity, encoding, permit).await,
-            Err(error) => tracing::debug!(%error, "upgrade failed"),
-        }
-    });
+    tracker.spawn(run(gateway, on_upgrade, identity, encoding, permit));
     let mut response = StatusCode::SWITCHING_PROTOCOLS.into_response();
     let headers = response.headers_mut();
     headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
@@ -216,7 +218,12 @@ impl ReadHalf {
                     $half.readable().await?;
                     buffer.reserve(READ_CHUNK);
                     match $half.try_read_buf(buffer) {
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                            // A spurious wake-up: do not wait holding the room.
+                            if buffer.is_empty() {
+                                *buffer = BytesMut::new();
+                            }
+                        }
                         other => return other,
                     }
                 }
@@ -258,11 +265,18 @@ fn split(upgraded: Upgraded) -> (ReadHalf, WriteHalf, Bytes) {
 #[tracing::instrument(name = "conn", skip_all, fields(id))]
 async fn run(
     gateway: Arc<Gateway>,
-    upgraded: Upgraded,
+    on_upgrade: hyper::upgrade::OnUpgrade,
     identity: Option<Identity>,
     encoding: Encoding,
     _permit: OwnedSemaphorePermit,
 ) {
+    let upgraded = match on_upgrade.await {
+        Ok(upgraded) => upgraded,
+        Err(error) => {
+            tracing::debug!(%error, "upgrade failed");
+            return;
+        }
+    };
     let id = gateway.next_connection_id();
     tracing::Span::current().record("id", id);
     gateway.metrics.connections.inc();
@@ -280,10 +294,23 @@ async fn run(
         gateway.config.write_coalesce,
     ));
     let mut reader = FrameReader::new(gateway.config.max_frame_bytes);
-    reader.buffer().extend_from_slice(&early);
+    if !early.is_empty() {
+        reader.buffer().extend_from_slice(&early);
+    }
+    // The early bytes may be a view of hyper's whole read buffer: let it go now.
+    drop(early);
     match Box::pin(Session::start(gateway.clone(), outbox.clone(), identity)).await {
         Ok(mut session) => {
-            read_loop(&gateway, &mut read_half, &mut reader, &outbox, &mut session).await;
+            // Boxed, like every step of a connection's life: the task then holds
+            // no more than the pointers, whichever step it is in.
+            Box::pin(read_loop(
+                &gateway,
+                &mut read_half,
+                &mut reader,
+                &outbox,
+                &mut session,
+            ))
+            .await;
             Box::pin(session.close()).await;
         }
         Err(error) => {
@@ -297,8 +324,15 @@ async fn run(
         }
     }
     outbox.close(CloseReason::Normal);
-    // Closing handshake: read until the client's close frame (or a timeout), so
-    // unread client bytes do not turn our close into a reset that loses the close frame.
+    Box::pin(await_close_frame(&mut read_half, &mut reader)).await;
+    let _ = writer.await;
+    gateway.metrics.connections.dec();
+    tracing::debug!("connection closed");
+}
+
+/// Closing handshake: reads until the client's close frame (or a timeout), so
+/// unread client bytes do not turn our close into a reset that loses the close frame.
+async fn await_close_frame(read_half: &mut ReadHalf, reader: &mut FrameReader) {
     let _ = tokio::time::timeout(CLOSE_GRACE, async {
         loop {
             match reader.next_message() {
@@ -312,9 +346,6 @@ async fn run(
         }
     })
     .await;
-    let _ = writer.await;
-    gateway.metrics.connections.dec();
-    tracing::debug!("connection closed");
 }
 
 async fn read_loop(
@@ -329,8 +360,10 @@ async fn read_loop(
         tokio::time::interval_at(Instant::now() + config.ping_interval, config.ping_interval);
     let mut last_seen = Instant::now();
     let mut bad_frames = 0u32;
+    // Publishes (and direct messages) whose Redis work is under way, replies in order.
+    let mut pipeline = FuturesOrdered::new();
     loop {
-        loop {
+        while pipeline.len() < MAX_PIPELINE {
             let incoming = match reader.next_message() {
                 Ok(Some(incoming)) => incoming,
                 Ok(None) => break,
@@ -344,25 +377,47 @@ async fn read_loop(
                 }
             };
             last_seen = Instant::now();
-            match incoming {
+            let (data, is_text) = match incoming {
                 Incoming::Close(_) => {
                     outbox.close(CloseReason::Normal);
                     return;
                 }
                 Incoming::Ping(payload) => {
                     outbox.push(ws::frame(ws::opcode::PONG, &payload), 1, true);
+                    continue;
                 }
-                Incoming::Pong => {}
-                Incoming::Text(data) => {
-                    if !request(gateway, outbox, session, &data, true, &mut bad_frames).await {
-                        return;
+                Incoming::Pong => continue,
+                Incoming::Text(data) => (data, true),
+                Incoming::Binary(data) => (data, false),
+            };
+            let request = match decode(outbox.encoding(), &data, is_text) {
+                Ok(request) => {
+                    bad_frames = 0;
+                    match session.start_pipelined(request) {
+                        Ok(pending) => {
+                            pipeline.push_back(pending);
+                            continue;
+                        }
+                        Err(request) => Ok(request),
                     }
                 }
-                Incoming::Binary(data) => {
-                    if !request(gateway, outbox, session, &data, false, &mut bad_frames).await {
-                        return;
+                Err(error) => Err(error),
+            };
+            // Anything else waits for the publishes before it, so replies keep their order.
+            while let Some(reply) = pipeline.next().await {
+                outbox.push_frame(&reply);
+            }
+            let open = match request {
+                Ok(request) => {
+                    if let Some(reply) = Box::pin(session.handle(request)).await {
+                        outbox.push_frame(&reply);
                     }
+                    true
                 }
+                Err(error) => refuse(gateway, outbox, error, &mut bad_frames),
+            };
+            if !open {
+                return;
             }
         }
         reader.shrink_if_empty();
@@ -379,7 +434,10 @@ async fn read_loop(
                 }
                 outbox.push(ws::frame(ws::opcode::PING, b""), 1, true);
             }
-            read = read_half.read_into(reader.buffer()) => match read {
+            Some(reply) = pipeline.next(), if !pipeline.is_empty() => {
+                outbox.push_frame(&reply);
+            }
+            read = read_half.read_into(reader.buffer()), if pipeline.len() < MAX_PIPELINE => match read {
                 Ok(0) | Err(_) => return,
                 Ok(_) => {}
             },
@@ -387,16 +445,8 @@ async fn read_loop(
     }
 }
 
-/// Handles one data message; returns whether the connection stays open.
-async fn request(
-    gateway: &Gateway,
-    outbox: &Outbox,
-    session: &mut Session,
-    data: &[u8],
-    is_text: bool,
-    bad_frames: &mut u32,
-) -> bool {
-    let encoding = outbox.encoding();
+/// Decodes one data message as a request of this connection's encoding.
+fn decode(encoding: Encoding, data: &[u8], is_text: bool) -> Result<Request, RequestError> {
     if is_text == encoding.is_binary() {
         let message = format!(
             "this connection speaks {}: send {} frames",
@@ -407,25 +457,13 @@ async fn request(
                 "text"
             }
         );
-        let error = RequestError {
+        return Err(RequestError {
             id: None,
             code: ErrorCode::BadRequest,
             message,
-        };
-        return refuse(gateway, outbox, error, bad_frames);
+        });
     }
-    match codec::decode_request(encoding, data) {
-        Ok(request) => {
-            *bad_frames = 0;
-            // Boxed: the deepest operation's state would otherwise live in
-            // every idle connection's task for its whole life.
-            if let Some(reply) = Box::pin(session.handle(request)).await {
-                outbox.push_frame(&reply);
-            }
-            true
-        }
-        Err(error) => refuse(gateway, outbox, error, bad_frames),
-    }
+    codec::decode_request(encoding, data)
 }
 
 /// Answers a frame that could not be understood; closes the connection after
@@ -559,11 +597,18 @@ async fn write_loop(mut write_half: WriteHalf, inbox: Inbox, outbox: Outbox, coa
             break;
         }
         chunks.clear();
-        if chunks.capacity() > 64 {
+        // This buffer and the queue's are swapped on every take: keep them
+        // small so an idle connection holds no leftover of a burst.
+        if chunks.capacity() > KEPT_CHUNKS {
             chunks = Vec::new();
         }
         pacer.wrote(frames, Instant::now());
     }
+    Box::pin(close(write_half, inbox, chunks)).await;
+}
+
+/// Writes what is left (unless the reader was too slow) and the close frame.
+async fn close(mut write_half: WriteHalf, inbox: Inbox, mut chunks: Vec<Bytes>) {
     let reason = inbox.close_reason().unwrap_or(CloseReason::Normal);
     let (code, text) = reason.close_frame();
     let _ = tokio::time::timeout(CLOSE_GRACE, async {

@@ -71,6 +71,11 @@ pub async fn extend(
 /// Appends to the stream, starting its epoch and reserving blocks as needed.
 /// When the block runs low, the next one is reserved in the background.
 ///
+/// A write that waits for an epoch or a block is sent again after it: writes
+/// sent meanwhile (a connection's pipelined publishes) may take the offsets
+/// before it. Each is still stored once; only their order may differ from
+/// the order they were sent in.
+///
 /// When Redis may have run the append without answering, an append with an
 /// idempotency record is sent once more: if Redis answers now, the record
 /// tells what happened. If it does not, the outcome stays unknown, and the
@@ -82,17 +87,9 @@ pub async fn append(
     append: &Append<'_>,
 ) -> Result<Appended, EpochError> {
     let stream = append.stream;
-    let mut unknown: Option<StoreError> = None;
+    let mut result = store.append(append).await;
+    let mut unknown = None::<StoreError>;
     for _ in 0..ATTEMPTS {
-        let result = store.append(append).await;
-        if let Some(first) = unknown.take()
-            && matches!(&result, Err(e) if !matches!(e, StoreError::NoEpoch | StoreError::NoBlock { .. }))
-        {
-            // The retry of a write whose outcome was unknown: only an answer
-            // helps (no epoch or no block is one: the record was checked
-            // first and is not there, so the write did not happen).
-            return Err(first.into());
-        }
         match result {
             Ok(appended) => {
                 if appended.replayed {
@@ -110,12 +107,15 @@ pub async fn append(
             Err(StoreError::NoBlock { epoch, top }) => {
                 extend(store, blocks, stream, &epoch, top).await?;
             }
-            Err(error) if error.outcome_unknown() && append.record.is_some() => {
+            Err(error)
+                if error.outcome_unknown() && append.record.is_some() && unknown.is_none() =>
+            {
                 tracing::debug!(%stream, %error, "append unanswered: asking again with its idempotency record");
                 unknown = Some(error);
             }
-            Err(error) => return Err(error.into()),
+            Err(error) => return Err(unknown.unwrap_or(error).into()),
         }
+        result = store.append(append).await;
     }
     Err(unknown.map_or_else(|| EpochError::Contended(stream.clone()), EpochError::from))
 }

@@ -8,6 +8,8 @@
 //! from what [`Session::handle`] returns.
 
 use std::collections::HashSet;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use chatcluster_protocol::frame::{
@@ -31,6 +33,78 @@ use crate::store::Registry;
 enum Done {
     Reply(ReplyData),
     Queued,
+}
+
+/// A `publish` or `message` whose checks are done: what is left needs only the
+/// shared gateway, so it can run while the connection reads the next request.
+pub type Pending = Pin<Box<dyn Future<Output = ServerFrame> + Send>>;
+
+/// The Redis work of a checked `publish` or `message`.
+enum Work {
+    Publish {
+        channel: String,
+        user: String,
+        text: String,
+        key: Option<String>,
+    },
+    Direct {
+        from: String,
+        to: String,
+        text: String,
+        key: Option<String>,
+    },
+}
+
+impl Work {
+    async fn run(self, gateway: &Gateway, clock: u64) -> Result<ReplyData, OpError> {
+        match self {
+            Self::Publish {
+                channel,
+                user,
+                text,
+                key,
+            } => {
+                let reply = gateway
+                    .publish(&channel, &user, text, clock, key.as_deref())
+                    .await?;
+                Ok(ReplyData::Publish(reply))
+            }
+            Self::Direct {
+                from,
+                to,
+                text,
+                key,
+            } => {
+                let reply = inbox::send(gateway, &from, &to, text, clock, key.as_deref()).await?;
+                Ok(ReplyData::Direct(reply))
+            }
+        }
+    }
+}
+
+/// The reply frame of an operation's result, counting errors by code.
+fn reply_frame(
+    gateway: &Gateway,
+    id: Option<RequestId>,
+    clock: u64,
+    result: Result<ReplyData, OpError>,
+) -> ServerFrame {
+    match result {
+        Ok(data) => ServerFrame::Ok { id, clock, data },
+        Err(error) => {
+            gateway
+                .metrics
+                .errors_total
+                .get_or_create(&[("code", error.code.as_str())])
+                .inc();
+            ServerFrame::Error {
+                id,
+                clock,
+                code: error.code,
+                message: error.message,
+            }
+        }
+    }
 }
 
 /// State of one connection's session.
@@ -83,16 +157,56 @@ impl Session {
         Ok(session)
     }
 
-    /// Handles one request; returns the reply to queue, or `None` when the
-    /// reply is already queued (a successful `subscribe` or first `login`).
-    pub async fn handle(&mut self, request: Request) -> Option<ServerFrame> {
-        let clock = self.gateway.clock.tick(request.clock);
-        let op_name = request.op.name();
+    /// Starts a `publish` or `message`: its checks (login, names, size, rate)
+    /// run now, in request order, and its Redis work in the returned future,
+    /// which may overlap with the requests after it; their replies must still
+    /// be queued in request order. Any other request is given back.
+    pub fn start_pipelined(&mut self, request: Request) -> Result<Pending, Request> {
+        if !matches!(request.op, Op::Publish { .. } | Op::Message { .. }) {
+            return Err(request);
+        }
+        let clock = self.count(&request);
+        let work = match request.op {
+            Op::Publish {
+                channel,
+                text,
+                idempotency_key,
+            } => self.check_publish(channel, text, idempotency_key),
+            Op::Message {
+                to,
+                text,
+                idempotency_key,
+            } => self.check_direct(to, text, idempotency_key),
+            _ => return Err(request),
+        };
+        let (gateway, id) = (self.gateway.clone(), request.id);
+        Ok(Box::pin(async move {
+            let result = match work {
+                Ok(work) => work.run(&gateway, clock).await,
+                Err(error) => Err(error),
+            };
+            reply_frame(&gateway, id, clock, result)
+        }))
+    }
+
+    /// Ticks the clock for a request and counts it; returns its Lamport time.
+    fn count(&self, request: &Request) -> u64 {
         self.gateway
             .metrics
             .requests_total
-            .get_or_create(&[("op", op_name)])
+            .get_or_create(&[("op", request.op.name())])
             .inc();
+        self.gateway.clock.tick(request.clock)
+    }
+
+    /// Handles one request; returns the reply to queue, or `None` when the
+    /// reply is already queued (a successful `subscribe` or first `login`).
+    pub async fn handle(&mut self, request: Request) -> Option<ServerFrame> {
+        let request = match self.start_pipelined(request) {
+            Ok(pending) => return Some(pending.await),
+            Err(request) => request,
+        };
+        let clock = self.count(&request);
         let id = request.id;
         let result = match request.op {
             Op::Login { user, since } => self.login(user, since, (id.clone(), clock)).await,
@@ -110,22 +224,6 @@ impl Session {
                 .await
                 .map(|()| Done::Queued),
             Op::Unsubscribe { channel } => self.unsubscribe(channel).await.map(Done::Reply),
-            Op::Publish {
-                channel,
-                text,
-                idempotency_key,
-            } => self
-                .publish(channel, text, clock, idempotency_key)
-                .await
-                .map(Done::Reply),
-            Op::Message {
-                to,
-                text,
-                idempotency_key,
-            } => self
-                .direct(to, text, clock, idempotency_key)
-                .await
-                .map(Done::Reply),
             Op::Presence { channel } => self.presence(channel).await.map(Done::Reply),
             Op::History {
                 channel,
@@ -141,23 +239,15 @@ impl Session {
                 limit,
             } => self.dm_history(with, before, limit).await.map(Done::Reply),
             Op::Ping => Ok(Done::Reply(ReplyData::Pong(Empty {}))),
+            Op::Publish { .. } | Op::Message { .. } => Err(OpError::new(
+                ErrorCode::Internal,
+                "publish and message are started with start_pipelined",
+            )),
         };
         match result {
-            Ok(Done::Reply(data)) => Some(ServerFrame::Ok { id, clock, data }),
             Ok(Done::Queued) => None,
-            Err(error) => {
-                self.gateway
-                    .metrics
-                    .errors_total
-                    .get_or_create(&[("code", error.code.as_str())])
-                    .inc();
-                Some(ServerFrame::Error {
-                    id,
-                    clock,
-                    code: error.code,
-                    message: error.message,
-                })
-            }
+            Ok(Done::Reply(data)) => Some(reply_frame(&self.gateway, id, clock, Ok(data))),
+            Err(error) => Some(reply_frame(&self.gateway, id, clock, Err(error))),
         }
     }
 
@@ -401,37 +491,40 @@ impl Session {
         }
     }
 
-    async fn publish(
+    fn check_publish(
         &mut self,
         channel: String,
         text: String,
-        clock: u64,
         key: Option<String>,
-    ) -> Result<ReplyData, OpError> {
+    ) -> Result<Work, OpError> {
         self.check_channel(&channel)?;
         validate::text(&text, self.gateway.config.max_text_bytes)?;
         self.take_token()?;
         let user = self.user()?.user.clone();
-        let reply = self
-            .gateway
-            .publish(&channel, &user, text, clock, key.as_deref())
-            .await?;
-        Ok(ReplyData::Publish(reply))
+        Ok(Work::Publish {
+            channel,
+            user,
+            text,
+            key,
+        })
     }
 
-    async fn direct(
+    fn check_direct(
         &mut self,
         to: String,
         text: String,
-        clock: u64,
         key: Option<String>,
-    ) -> Result<ReplyData, OpError> {
+    ) -> Result<Work, OpError> {
         validate::user_name(&to)?;
         validate::text(&text, self.gateway.config.max_text_bytes)?;
         let from = self.user()?.user.clone();
         self.take_token()?;
-        let reply = inbox::send(&self.gateway, &from, &to, text, clock, key.as_deref()).await?;
-        Ok(ReplyData::Direct(reply))
+        Ok(Work::Direct {
+            from,
+            to,
+            text,
+            key,
+        })
     }
 
     async fn conversations(

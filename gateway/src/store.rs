@@ -12,6 +12,7 @@
 //! shard's life key (see [`crate::life`]), so no stream keeps an epoch whose
 //! offsets Redis may have rewound.
 
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -177,8 +178,11 @@ pub struct Store {
     conn: ConnectionManager,
     settings: StoreSettings,
     scripts: std::sync::Arc<Scripts>,
-    /// Held while a new life of Redis is recorded, so it is done once.
+    /// Held while a new life of Redis is recorded and the scripts loaded again.
     life: std::sync::Arc<tokio::sync::Mutex<()>>,
+    /// Times the scripts were loaded, so a caller that met `NOSCRIPT` before
+    /// another caller loaded them only retries.
+    loads: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl std::fmt::Debug for Store {
@@ -346,6 +350,7 @@ impl Store {
                 sweep: Script::new(scripts::PRESENCE_SWEEP),
             }),
             life: std::sync::Arc::default(),
+            loads: std::sync::Arc::default(),
         })
     }
 
@@ -367,26 +372,37 @@ impl Store {
     }
 
     /// Runs a script by its hash; when Redis does not know it (a new Redis
-    /// process), records the new life of Redis, loads it and runs it again.
+    /// process), records the new life of Redis, loads the scripts (once for
+    /// all the calls that met `NOSCRIPT` meanwhile) and runs it again.
     async fn run<T: FromRedisValue>(&self, script: &Script, call: Call) -> Result<T, StoreError> {
         let mut conn = self.conn.clone();
         let command = call.evalsha(script);
-        match self.timed(command.query_async(&mut conn)).await {
-            Err(StoreError::Redis(e))
-                if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
-            {
-                self.new_life().await?;
-                self.load_all().await?;
-                self.timed(command.query_async(&mut conn)).await
+        let mut loads = self.loads.load(Ordering::Acquire);
+        let mut result = self.timed(command.query_async(&mut conn)).await;
+        for _ in 0..3 {
+            match &result {
+                Err(StoreError::Redis(e))
+                    if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {}
+                _ => return result,
             }
-            other => other,
+            {
+                let _recording = self.life.lock().await;
+                if self.loads.load(Ordering::Acquire) == loads {
+                    self.new_life().await?;
+                    self.load_all().await?;
+                    self.loads.fetch_add(1, Ordering::AcqRel);
+                }
+                loads = self.loads.load(Ordering::Acquire);
+            }
+            result = self.timed(command.query_async(&mut conn)).await;
         }
+        result
     }
 
     /// Records the Redis process now serving in every shard's life key (see
     /// [`scripts::NEW_LIFE`]); a no-op for a process already recorded.
+    /// Called with `life` held.
     async fn new_life(&self) -> Result<(), StoreError> {
-        let _once = self.life.lock().await;
         let mut conn = self.conn.clone();
         let info: String = self
             .timed(

@@ -6,6 +6,7 @@
 #
 # Environment: GATEWAYS (2), PORT (8080), STATS_PORT (8404), REDIS_PORT (6390),
 # PG_PORT (5440), STATE_DIR (.local), PROFILE (release|debug, default release),
+# APPENDFSYNC (always|everysec, default always: see the README's durability table),
 # AUTH_MODE/JWT_SECRET/API_KEY (passed to the gateways).
 set -euo pipefail
 
@@ -17,6 +18,11 @@ REDIS_PORT=${REDIS_PORT:-6390}
 PG_PORT=${PG_PORT:-5440}
 STATE_DIR=${STATE_DIR:-$root/.local}
 PROFILE=${PROFILE:-release}
+APPENDFSYNC=${APPENDFSYNC:-always}
+[[ $APPENDFSYNC == always || $APPENDFSYNC == everysec ]] || {
+    echo "error: APPENDFSYNC must be always or everysec, not $APPENDFSYNC" >&2
+    exit 1
+}
 
 need() {
     command -v "$1" > /dev/null || [[ -x /usr/sbin/$1 ]] || {
@@ -48,7 +54,7 @@ cleanup() {
 trap cleanup EXIT INT TERM
 
 redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --dir "$STATE_DIR/redis" --appendonly yes \
-    --save '' > "$STATE_DIR/logs/redis.log" 2>&1 &
+    --appendfsync "$APPENDFSYNC" --save '' > "$STATE_DIR/logs/redis.log" 2>&1 &
 pids+=($!)
 
 as_pg=()

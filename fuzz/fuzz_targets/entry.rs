@@ -25,7 +25,8 @@ fuzz_target!(|data: &[u8]| {
         1 => {
             if let Ok(direct) = StoredDirect::decode(rest) {
                 assert_eq!(StoredDirect::decode(&direct.encode()), Ok(direct.clone()));
-                let _ = direct.into_direct_message().ts.to_string();
+                let pushed = direct.into_direct_message(Some(7));
+                assert_eq!(pushed.offset, Some(7));
             }
         }
         2 => {

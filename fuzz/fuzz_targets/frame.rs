@@ -9,7 +9,9 @@ use chatcluster_gateway::budget;
 use chatcluster_gateway::outbox::encode_frame;
 use chatcluster_protocol::clock::{LamportClock, MAX_CLOCK};
 use chatcluster_protocol::codec::{self, Encoding};
-use chatcluster_protocol::frame::{Empty, ErrorCode, Op, ReplyData, ServerFrame};
+use chatcluster_protocol::frame::{
+    Empty, ErrorCode, Op, ReplyData, ServerFrame, check_idempotency_key,
+};
 use chatcluster_protocol::validate::{self, MAX_SAFE_INTEGER, ValidationError};
 use libfuzzer_sys::fuzz_target;
 
@@ -79,7 +81,12 @@ fn handle(op: &Op) -> Result<(), ValidationError> {
     }
     let max_text = validate::DEFAULT_MAX_TEXT_BYTES;
     match op {
-        Op::Login { user } => validate::user_name(user),
+        Op::Login { user, since } => {
+            if let Some(since) = since {
+                assert!(since.offset <= MAX_SAFE_INTEGER);
+            }
+            validate::user_name(user)
+        }
         Op::Users { cursor, limit } | Op::Channels { cursor, limit } => {
             if let Some(cursor) = cursor {
                 assert!(cursor.len() <= validate::MAX_CHANNEL_LEN);
@@ -94,11 +101,29 @@ fn handle(op: &Op) -> Result<(), ValidationError> {
             assert!(restricted.may_use(channel), "* allows every channel");
             Ok(())
         }
-        Op::Publish { channel, text } => {
+        Op::Publish {
+            channel,
+            text,
+            idempotency_key,
+        } => {
+            assert!(
+                idempotency_key
+                    .as_deref()
+                    .is_none_or(|key| check_idempotency_key(key).is_ok())
+            );
             validate::channel_name(channel)?;
             validate::text(text, max_text)
         }
-        Op::Message { to, text } => {
+        Op::Message {
+            to,
+            text,
+            idempotency_key,
+        } => {
+            assert!(
+                idempotency_key
+                    .as_deref()
+                    .is_none_or(|key| check_idempotency_key(key).is_ok())
+            );
             validate::user_name(to)?;
             validate::text(text, max_text)
         }
@@ -109,6 +134,19 @@ fn handle(op: &Op) -> Result<(), ValidationError> {
         } => {
             assert!(before.is_none_or(|b| b <= MAX_SAFE_INTEGER));
             validate::channel_name(channel)?;
+            validate::history_limit(*limit).map(drop)
+        }
+        Op::Conversations { before, limit } => {
+            assert!(before.is_none_or(|b| b <= MAX_SAFE_INTEGER));
+            validate::history_limit(*limit).map(drop)
+        }
+        Op::DmHistory {
+            with,
+            before,
+            limit,
+        } => {
+            assert!(before.is_none_or(|b| b <= MAX_SAFE_INTEGER));
+            validate::user_name(with)?;
             validate::history_limit(*limit).map(drop)
         }
         Op::Ping => Ok(()),

@@ -109,6 +109,7 @@ fn start_stack(gateways: usize, env: &[(&str, &str)]) -> Stack {
         command
             .env("SOCKET_PATH", socket)
             .env("REDIS_URL", redis.url())
+            .env("EPHEMERAL", "true")
             .env("INSTANCE_ID", format!("gw{i}"))
             .env("RUST_LOG", "warn")
             .env("PUBLISH_RATE", "1000000")

@@ -66,6 +66,7 @@ impl From<OpError> for ApiError {
             ErrorCode::RateLimited | ErrorCode::LimitExceeded => StatusCode::TOO_MANY_REQUESTS,
             ErrorCode::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::UnknownOutcome => StatusCode::GATEWAY_TIMEOUT,
             ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         };
         Self::new(status, error.code, error.message)
@@ -198,6 +199,10 @@ pub async fn channel_messages(
 pub struct PostMessage {
     user: String,
     text: String,
+    /// Retries with the same key return the first result (also taken from
+    /// the `Idempotency-Key` header).
+    #[serde(default)]
+    idempotency_key: Option<String>,
 }
 
 /// `POST /api/channels/{channel}/messages`: publish on behalf of `user`, with `Authorization: Bearer <API_KEY>`.
@@ -227,9 +232,21 @@ pub async fn post_message(
     validate::channel_name(&channel).map_err(OpError::from)?;
     validate::user_name(&user).map_err(OpError::from)?;
     validate::text(&body.text, gateway.config.max_text_bytes).map_err(OpError::from)?;
+    let key = body.idempotency_key.or_else(|| {
+        headers
+            .get("idempotency-key")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    });
+    if let Some(key) = &key {
+        chatcluster_protocol::frame::check_idempotency_key(key)
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, e))?;
+    }
     gateway.ensure_user(&user).await?;
     let clock = gateway.clock.tick(None);
-    let reply = gateway.publish(&channel, &user, body.text, clock).await?;
+    let reply = gateway
+        .publish(&channel, &user, body.text, clock, key.as_deref())
+        .await?;
     Ok((StatusCode::CREATED, Json(reply)))
 }
 

@@ -37,7 +37,9 @@ pub fn cost(op: &Op) -> Option<f64> {
         | Op::Channel { .. }
         | Op::Users { .. }
         | Op::Channels { .. }
-        | Op::History { .. } => MAX_COST,
+        | Op::History { .. }
+        | Op::Conversations { .. }
+        | Op::DmHistory { .. } => MAX_COST,
         Op::Publish { .. } | Op::Message { .. } => return None,
     })
 }
@@ -126,7 +128,10 @@ mod tests {
     fn every_op_has_a_cost_within_the_maximum() {
         let ops = [
             Op::Ping,
-            Op::Login { user: "a".into() },
+            Op::Login {
+                user: "a".into(),
+                since: None,
+            },
             Op::Users {
                 cursor: None,
                 limit: None,
@@ -156,6 +161,15 @@ mod tests {
             Op::Refresh {
                 token: Token("t".into()),
             },
+            Op::Conversations {
+                before: None,
+                limit: None,
+            },
+            Op::DmHistory {
+                with: "b".into(),
+                before: None,
+                limit: None,
+            },
         ];
         for op in &ops {
             let cost = cost(op).expect("op budget");
@@ -164,7 +178,8 @@ mod tests {
         assert_eq!(
             cost(&Op::Publish {
                 channel: "a".into(),
-                text: "t".into()
+                text: "t".into(),
+                idempotency_key: None,
             }),
             None
         );

@@ -79,9 +79,26 @@ pub struct Config {
         hide_env_values = true
     )]
     pub redis_url: SecretUrl,
-    /// PostgreSQL URL for history reads; without it `history` answers `unavailable`.
+    /// PostgreSQL URL: history and conversations older than Redis keeps, and
+    /// the offset blocks that keep offsets from ever being reused. Required
+    /// unless --ephemeral.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<SecretUrl>,
+    /// Run without PostgreSQL (development and tests only): history is what
+    /// Redis keeps, and after Redis loses its state offsets continue only above
+    /// what Redis still has, so they may repeat offsets a worker stored.
+    #[arg(long, env = "EPHEMERAL", default_value_t = false)]
+    pub ephemeral: bool,
+    /// How long the first result of a publish or direct message with an
+    /// `idempotency_key` is kept: a retry with the same key within it returns
+    /// that result and stores nothing (about 150 bytes of Redis per keyed message).
+    #[arg(long, env = "IDEMPOTENCY_WINDOW", default_value = "10m", value_parser = parse_duration)]
+    pub idempotency_window: Duration,
+    /// Offsets of a channel or inbox reserved in PostgreSQL at a time (the
+    /// next block is reserved when half is left; a new epoch may skip up to
+    /// this many offsets).
+    #[arg(long, env = "OFFSET_BLOCK", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(100..=1_000_000_000))]
+    pub offset_block: u64,
     /// Name of this gateway process in logs and presence members (default: host name and pid).
     #[arg(long, env = "INSTANCE_ID")]
     pub instance_id: Option<String>,
@@ -250,6 +267,15 @@ impl Config {
         if self.max_text_bytes + 512 > self.max_frame_bytes {
             return Err("--max-frame-bytes must exceed --max-text-bytes by at least 512".into());
         }
+        if self.database_url.is_none() && !self.ephemeral {
+            return Err("--database-url (DATABASE_URL) is required: offsets must stay above \
+                 those PostgreSQL has when Redis loses its state; pass --ephemeral (EPHEMERAL=true) \
+                 to run without a database"
+                .into());
+        }
+        if self.idempotency_window.is_zero() {
+            return Err("--idempotency-window must be positive".into());
+        }
         Ok(())
     }
 }
@@ -271,20 +297,40 @@ mod tests {
 
     #[test]
     fn jwt_needs_a_secret() {
-        let config = Config::parse_from(["gw", "--auth-mode", "jwt"]);
+        let config = Config::parse_from(["gw", "--ephemeral", "--auth-mode", "jwt"]);
         assert!(config.validate().unwrap_err().contains("JWT_SECRET"));
-        let config = Config::parse_from(["gw", "--auth-mode", "jwt", "--jwt-secret", "s"]);
+        let config = Config::parse_from([
+            "gw",
+            "--ephemeral",
+            "--auth-mode",
+            "jwt",
+            "--jwt-secret",
+            "s",
+        ]);
         assert_eq!(config.validate(), Ok(()));
     }
 
     #[test]
     fn defaults_are_sane() {
-        let config = Config::parse_from(["gw"]);
+        let config = Config::parse_from(["gw", "--database-url", "postgres://db/chat"]);
         assert_eq!(config.stream_shards, 4);
+        assert_eq!(config.offset_block, 1000);
+        assert_eq!(config.idempotency_window, Duration::from_secs(600));
         assert_eq!(config.validate(), Ok(()));
         assert!(Config::try_parse_from(["gw", "--stream-shards", "0"]).is_err());
         assert!(Config::try_parse_from(["gw", "--max-list-page", "0"]).is_err());
-        let config = Config::parse_from(["gw", "--op-burst", "1"]);
+        let config = Config::parse_from(["gw", "--ephemeral", "--op-burst", "1"]);
         assert!(config.validate().unwrap_err().contains("--op-burst"));
+        assert!(Config::try_parse_from(["gw", "--offset-block", "99"]).is_err());
+    }
+
+    #[test]
+    fn a_database_is_required_unless_ephemeral() {
+        let error = Config::parse_from(["gw"]).validate().unwrap_err();
+        assert!(
+            error.contains("DATABASE_URL") && error.contains("--ephemeral"),
+            "{error}"
+        );
+        assert_eq!(Config::parse_from(["gw", "--ephemeral"]).validate(), Ok(()));
     }
 }

@@ -1,4 +1,5 @@
-//! Reads of the permanent history the worker writes to PostgreSQL.
+//! Reads of the permanent history the worker writes to PostgreSQL: channel
+//! pages, inbox pages of one conversation, and a user's conversations.
 
 use std::time::Duration;
 
@@ -6,10 +7,24 @@ use sqlx::Row;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
 use chatcluster_protocol::entry::Timestamp;
-use chatcluster_protocol::frame::ChannelMessage;
+use chatcluster_protocol::frame::{ChannelMessage, Conversation, DirectMessage};
 
 /// PostgreSQL error code of an undefined table (the worker has not migrated yet).
-const UNDEFINED_TABLE: &str = "42P01";
+pub const UNDEFINED_TABLE: &str = "42P01";
+
+/// A page of one conversation in a user's inbox, newest first.
+const INBOX_PAGE: &str = "\
+SELECT i.inbox_offset, d.msg_id, d.from_user, d.to_user, d.body, d.sent_at, d.clock
+FROM inbox i JOIN direct_messages d ON d.msg_id = i.msg_id
+WHERE i.user_name = $1 AND i.partner = $2 AND i.inbox_offset < $3
+ORDER BY i.inbox_offset DESC LIMIT $4";
+
+/// A user's conversations with their newest message, newest first.
+const CONVERSATIONS: &str = "\
+SELECT c.last_offset, d.msg_id, d.from_user, d.to_user, d.body, d.sent_at, d.clock, c.partner
+FROM conversations c JOIN direct_messages d ON d.msg_id = c.msg_id
+WHERE c.user_name = $1 AND c.last_offset < $2
+ORDER BY c.last_offset DESC LIMIT $3";
 
 /// A history read that failed.
 #[derive(Debug, thiserror::Error)]
@@ -20,6 +35,37 @@ pub enum HistoryError {
     /// PostgreSQL failed or is unreachable.
     #[error("postgres: {0}")]
     Database(#[from] sqlx::Error),
+    /// The tables do not exist yet (the worker creates them when it starts).
+    #[error("the database has no chatcluster schema yet (the worker applies it at start)")]
+    NoSchema,
+}
+
+/// Binds an optional exclusive upper offset as a bigint.
+fn below(before: Option<u64>) -> i64 {
+    before.map_or(i64::MAX, |b| i64::try_from(b).unwrap_or(i64::MAX))
+}
+
+/// Rows of an undefined table read as none (the worker has not migrated yet).
+fn or_none<T>(rows: Result<Vec<T>, sqlx::Error>) -> Result<Vec<T>, HistoryError> {
+    match rows {
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some(UNDEFINED_TABLE) => {
+            Ok(Vec::new())
+        }
+        other => Ok(other?),
+    }
+}
+
+/// A direct message from the columns `offset, msg_id, from, to, body, sent_at, clock`.
+fn direct_row(row: &sqlx::postgres::PgRow) -> Result<DirectMessage, sqlx::Error> {
+    Ok(DirectMessage {
+        offset: Some(row.try_get::<i64, _>(0)?.max(0) as u64),
+        msg_id: row.try_get(1)?,
+        from: row.try_get(2)?,
+        to: row.try_get(3)?,
+        text: row.try_get(4)?,
+        ts: Timestamp::from_datetime(row.try_get(5)?),
+        clock: row.try_get::<i64, _>(6)?.max(0) as u64,
+    })
 }
 
 /// Pool of PostgreSQL connections for history reads.
@@ -64,6 +110,11 @@ impl History {
         self.pool.is_some()
     }
 
+    /// The connection pool, when a database is configured.
+    pub fn pool_handle(&self) -> Option<PgPool> {
+        self.pool.clone()
+    }
+
     /// Up to `limit` messages of `channel` with offsets below `before`, newest last.
     pub async fn page(
         &self,
@@ -71,23 +122,16 @@ impl History {
         before: Option<u64>,
         limit: u32,
     ) -> Result<Vec<ChannelMessage>, HistoryError> {
-        let before = before.map_or(i64::MAX, |b| i64::try_from(b).unwrap_or(i64::MAX));
         let rows = sqlx::query(
             "SELECT channel_offset, msg_id, user_name, body, sent_at, clock FROM messages \
              WHERE channel = $1 AND channel_offset < $2 ORDER BY channel_offset DESC LIMIT $3",
         )
         .bind(channel)
-        .bind(before)
+        .bind(below(before))
         .bind(i64::from(limit))
         .fetch_all(self.pool()?)
         .await;
-        let rows = match rows {
-            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some(UNDEFINED_TABLE) => {
-                Vec::new()
-            }
-            other => other?,
-        };
-        let mut messages = rows
+        let mut messages = or_none(rows)?
             .into_iter()
             .map(|row| {
                 Ok(ChannelMessage {
@@ -105,22 +149,52 @@ impl History {
         Ok(messages)
     }
 
-    /// The highest offset stored for `channel` (0 when none, or without a
-    /// database): a new Redis epoch continues after it so offsets never repeat.
-    pub async fn max_offset(&self, channel: &str) -> Result<u64, HistoryError> {
-        let Ok(pool) = self.pool() else {
-            return Ok(0);
-        };
-        let result = sqlx::query_scalar::<_, i64>(
-            "SELECT COALESCE(MAX(channel_offset), 0) FROM messages WHERE channel = $1",
-        )
-        .bind(channel)
-        .fetch_one(pool)
-        .await;
-        match result {
-            Ok(max) => Ok(max.max(0) as u64),
-            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some(UNDEFINED_TABLE) => Ok(0),
-            Err(e) => Err(e.into()),
-        }
+    /// Up to `limit` messages of `user`'s conversation with `with` at inbox
+    /// offsets below `before`, newest last.
+    pub async fn inbox_page(
+        &self,
+        user: &str,
+        with: &str,
+        before: Option<u64>,
+        limit: u32,
+    ) -> Result<Vec<DirectMessage>, HistoryError> {
+        let rows = sqlx::query(INBOX_PAGE)
+            .bind(user)
+            .bind(with)
+            .bind(below(before))
+            .bind(i64::from(limit))
+            .fetch_all(self.pool()?)
+            .await;
+        let mut messages = or_none(rows)?
+            .iter()
+            .map(direct_row)
+            .collect::<Result<Vec<_>, sqlx::Error>>()?;
+        messages.reverse();
+        Ok(messages)
+    }
+
+    /// Up to `limit` of `user`'s conversations whose newest message is below
+    /// inbox offset `before`, newest first.
+    pub async fn conversations(
+        &self,
+        user: &str,
+        before: Option<u64>,
+        limit: u32,
+    ) -> Result<Vec<Conversation>, HistoryError> {
+        let rows = sqlx::query(CONVERSATIONS)
+            .bind(user)
+            .bind(below(before))
+            .bind(i64::from(limit))
+            .fetch_all(self.pool()?)
+            .await;
+        Ok(or_none(rows)?
+            .iter()
+            .map(|row| {
+                Ok(Conversation {
+                    last: direct_row(row)?,
+                    with: row.try_get(7)?,
+                })
+            })
+            .collect::<Result<Vec<_>, sqlx::Error>>()?)
     }
 }

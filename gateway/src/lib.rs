@@ -10,28 +10,37 @@
 //! Layers, each depending only on those below it:
 //! - lifecycle and HTTP: [`server`] (listeners, drain), [`app`] (routes),
 //!   [`connection`] (WebSocket upgrade and socket I/O), [`api`] (HTTP API);
-//! - operations: [`session`] (one client's protocol operations), [`state`]
-//!   (the shared gateway and operations both doors use), [`presence`] upkeep;
-//! - the delivery core: [`delivery`] (dispatchers and per-channel sequencers),
-//!   [`pubsub`] (the subscriber connection), [`outbox`] (per-connection queues),
-//!   [`ws`] (WebSocket framing);
+//! - operations: [`session`] (one client's protocol operations), [`inbox`]
+//!   (direct messages: send, conversations, one conversation's pages),
+//!   [`state`] (the shared gateway and operations both doors use), [`presence`] upkeep;
+//! - the delivery core: [`delivery`] (dispatchers and the sequencers of
+//!   channels and user inboxes), [`pubsub`] (the subscriber connection),
+//!   [`outbox`] (per-connection queues), [`ws`] (WebSocket framing);
+//! - offsets and pages: [`epochs`] (writes that never reuse an offset),
+//!   [`blocks`] (offsets reserved in PostgreSQL), [`life`] (which Redis
+//!   process, and whether it can lose writes), [`pages`] (history merged from
+//!   Redis and PostgreSQL);
 //! - backends and leaves: [`store`] (Redis), [`history`] (PostgreSQL),
-//!   [`epochs`], [`resp`], [`names`], [`auth`], [`budget`], [`ratelimit`],
-//!   [`listing`], [`metrics`], [`config`], [`secret`].
+//!   [`resp`], [`names`], [`auth`], [`budget`], [`ratelimit`], [`listing`],
+//!   [`metrics`], [`config`], [`secret`].
 
 pub mod api;
 pub mod app;
 pub mod auth;
+pub mod blocks;
 pub mod budget;
 pub mod config;
 pub mod connection;
 pub mod delivery;
 pub mod epochs;
 pub mod history;
+pub mod inbox;
+pub mod life;
 pub mod listing;
 pub mod metrics;
 pub mod names;
 pub mod outbox;
+pub mod pages;
 pub mod presence;
 pub mod pubsub;
 pub mod ratelimit;

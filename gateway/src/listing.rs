@@ -11,7 +11,7 @@ use chatcluster_protocol::validate;
 
 use crate::auth::Identity;
 use crate::state::{Gateway, OpError};
-use crate::store::{Page, Registry};
+use crate::store::{NamePage, Registry};
 
 /// Names per page when the client does not say.
 pub const DEFAULT_PAGE: u32 = 100;
@@ -25,7 +25,7 @@ impl Gateway {
         cursor: Option<&str>,
         limit: Option<u32>,
         reader: Option<&Identity>,
-    ) -> Result<Page, OpError> {
+    ) -> Result<NamePage, OpError> {
         let max = self.config.max_list_page;
         let limit = validate::page_limit(Some(limit.unwrap_or(DEFAULT_PAGE.min(max))), max)?;
         let (mut names, cursor) = self.store.list_page(registry, cursor, limit).await?;

@@ -45,6 +45,15 @@ pub struct Metrics {
     /// Topic messages dropped at the intake because a dispatcher's queue was
     /// full (their channels are then caught up from history).
     pub intake_overflow_total: Counter,
+    /// Publishes and direct messages answered from an earlier call with the
+    /// same idempotency key (nothing stored twice).
+    pub idempotent_replays_total: Counter,
+    /// Writes answered `unknown_outcome` (Redis did not answer after the
+    /// request was sent).
+    pub unknown_outcomes_total: Counter,
+    /// Epochs this gateway started (first use of a channel or inbox, or after
+    /// Redis lost its state).
+    pub epochs_started_total: Counter,
 }
 
 impl Default for Metrics {
@@ -73,6 +82,9 @@ impl Metrics {
             gap_fills_total: Counter::default(),
             lost_offsets_total: Counter::default(),
             intake_overflow_total: Counter::default(),
+            idempotent_replays_total: Counter::default(),
+            unknown_outcomes_total: Counter::default(),
+            epochs_started_total: Counter::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -150,6 +162,21 @@ impl Metrics {
             "intake_overflow",
             "Topic messages dropped at a full dispatcher queue and caught up from history",
             metrics.intake_overflow_total.clone(),
+        );
+        r.register(
+            "idempotent_replays",
+            "Writes answered from an earlier call with the same idempotency key",
+            metrics.idempotent_replays_total.clone(),
+        );
+        r.register(
+            "unknown_outcomes",
+            "Writes whose Redis reply never came (answered unknown_outcome)",
+            metrics.unknown_outcomes_total.clone(),
+        );
+        r.register(
+            "epochs_started",
+            "Channel and inbox epochs started by this gateway",
+            metrics.epochs_started_total.clone(),
         );
         Self {
             registry,

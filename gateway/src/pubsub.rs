@@ -367,6 +367,14 @@ impl Task {
             Ok(()) => return Ended::Shutdown,
             Err(error) => error,
         };
+        // A failed write (a PING to a Redis that just died) leaves unread what
+        // it sent before dying: deliver it, it may not be in Redis any more.
+        let until = Instant::now() + Duration::from_millis(200);
+        while let Ok(Ok(reply)) = tokio::time::timeout_at(until, connection.read()).await {
+            if let Reply::Message(topic, payload) = reply {
+                self.inbound(&topic, payload);
+            }
+        }
         // The topics stay wanted (they are subscribed again after the reconnect),
         // but the callers still waiting hear that this attempt failed.
         for (topic, replies) in waiting {

@@ -7,9 +7,10 @@
 //! when its token expires ([`Session::expiry`]) unless `refresh` replaced it.
 //!
 //! A `subscribe` is answered by the channel's sequencer (see
-//! [`crate::delivery`]), which queues the reply itself so that it comes before
-//! every push above the reply's offset; every other reply is queued by the
-//! connection from what [`Session::handle`] returns.
+//! [`crate::delivery`]), and the first `login` by the sequencer of the user's
+//! inbox, which queue the reply themselves so that it comes before every push
+//! above the reply's offset; every other reply is queued by the connection
+//! from what [`Session::handle`] returns.
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -17,18 +18,19 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chatcluster_protocol::entry::StoredDirect;
 use chatcluster_protocol::frame::{
-    ChannelOnly, ChannelReply, ChannelsReply, DirectReply, Empty, ErrorCode, HistoryReply,
-    LoginReply, Op, PresenceChange, PresenceReply, RefreshReply, ReplyData, Request, RequestId,
-    ServerFrame, Since, Token, UsersReply,
+    ChannelOnly, ChannelReply, ChannelsReply, ConversationsReply, DmHistoryReply, Empty, ErrorCode,
+    HistoryReply, InboxPosition, LoginReply, Op, PresenceChange, PresenceReply, RefreshReply,
+    ReplyData, Request, RequestId, ServerFrame, Since, Token, UsersReply,
 };
+use chatcluster_protocol::stream::StreamId;
 use chatcluster_protocol::validate;
 
 use crate::auth::{AuthError, Identity};
 use crate::budget::{self, UserSlot};
 use crate::config::AuthMode;
-use crate::delivery::sequencer::{PresenceMember, ReplyContext};
+use crate::delivery::sequencer::{PresenceMember, ReplyContext, ReplyKind};
+use crate::inbox;
 use crate::outbox::Outbox;
 use crate::ratelimit::TokenBucket;
 use crate::state::{Gateway, OpError};
@@ -50,11 +52,13 @@ enum Work {
         channel: String,
         user: String,
         text: String,
+        key: Option<String>,
     },
     Direct {
         from: String,
         to: String,
         text: String,
+        key: Option<String>,
     },
 }
 
@@ -65,27 +69,21 @@ impl Work {
                 channel,
                 user,
                 text,
+                key,
             } => {
-                let reply = gateway.publish(&channel, &user, text, clock).await?;
+                let reply = gateway
+                    .publish(&channel, &user, text, clock, key.as_deref())
+                    .await?;
                 Ok(ReplyData::Publish(reply))
             }
-            Self::Direct { from, to, text } => {
-                if !gateway.user_exists(&to).await? {
-                    return Err(OpError::new(ErrorCode::NotFound, format!("no user {to:?}")));
-                }
-                let direct = StoredDirect {
-                    msg_id: uuid::Uuid::new_v4(),
-                    from,
-                    to,
-                    text,
-                    ts: chrono::Utc::now().timestamp_millis(),
-                    clock,
-                };
-                gateway.store.send_direct(&direct).await?;
-                gateway.metrics.messages_in_total.inc();
-                Ok(ReplyData::Direct(DirectReply {
-                    msg_id: direct.msg_id,
-                }))
+            Self::Direct {
+                from,
+                to,
+                text,
+                key,
+            } => {
+                let reply = inbox::send(gateway, &from, &to, text, clock, key.as_deref()).await?;
+                Ok(ReplyData::Direct(reply))
             }
         }
     }
@@ -124,6 +122,8 @@ pub struct Session {
     identity: Option<Identity>,
     /// Presence member name and user, set at login.
     presence: Option<PresenceMember>,
+    /// Where the user's inbox stood when this connection joined it.
+    inbox: Option<InboxPosition>,
     subscriptions: HashSet<String>,
     /// The message bucket (`publish`, `message`).
     bucket: TokenBucket,
@@ -170,6 +170,7 @@ impl Session {
             outbox,
             identity: None,
             presence: None,
+            inbox: None,
             subscriptions: HashSet::new(),
             bucket,
             budget,
@@ -177,7 +178,12 @@ impl Session {
         };
         if let Some((identity, slot)) = identity {
             session.slot = Some(slot);
-            session.bind(identity).await?;
+            let reply = ReplyContext {
+                id: None,
+                clock: session.gateway.clock.tick(None),
+                kind: ReplyKind::Silent,
+            };
+            session.bind(identity, None, reply).await?;
         }
         Ok(session)
     }
@@ -194,8 +200,16 @@ impl Session {
         }
         let clock = self.count(&request);
         let work = match request.op {
-            Op::Publish { channel, text } => self.check_publish(channel, text),
-            Op::Message { to, text } => self.check_direct(to, text),
+            Op::Publish {
+                channel,
+                text,
+                idempotency_key,
+            } => self.check_publish(channel, text, idempotency_key),
+            Op::Message {
+                to,
+                text,
+                idempotency_key,
+            } => self.check_direct(to, text, idempotency_key),
             _ => return Err(request),
         };
         if work.is_err() {
@@ -269,7 +283,7 @@ impl Session {
     }
 
     /// Handles one request; returns the reply to queue, or `None` when the
-    /// reply is already queued (a successful `subscribe`).
+    /// reply is already queued (a successful `subscribe` or first `login`).
     pub async fn handle(&mut self, request: Request) -> Option<ServerFrame> {
         let request = match self.start_pipelined(request) {
             Ok(pending) => return Some(pending.await),
@@ -283,7 +297,7 @@ impl Session {
             return Some(reply_frame(&self.gateway, id, clock, Err(error)));
         }
         let result = match request.op {
-            Op::Login { user } => self.login(user).await.map(Done::Reply),
+            Op::Login { user, since } => self.login(user, since, (id.clone(), clock)).await,
             Op::Users { cursor, limit } => self
                 .list(Registry::Users, cursor, limit)
                 .await
@@ -306,6 +320,14 @@ impl Session {
                 before,
                 limit,
             } => self.history(channel, before, limit).await.map(Done::Reply),
+            Op::Conversations { before, limit } => {
+                self.conversations(before, limit).await.map(Done::Reply)
+            }
+            Op::DmHistory {
+                with,
+                before,
+                limit,
+            } => self.dm_history(with, before, limit).await.map(Done::Reply),
             Op::Ping => Ok(Done::Reply(ReplyData::Pong(Empty {}))),
             Op::Refresh { token } => self.refresh(token).map(Done::Reply),
             Op::Publish { .. } | Op::Message { .. } => Err(OpError::new(
@@ -353,7 +375,7 @@ impl Session {
         registry: Registry,
         cursor: Option<String>,
         limit: Option<u32>,
-    ) -> Result<crate::store::Page, OpError> {
+    ) -> Result<crate::store::NamePage, OpError> {
         self.gateway
             .list_page(registry, cursor.as_deref(), limit, self.identity.as_ref())
             .await
@@ -373,29 +395,40 @@ impl Session {
         }
     }
 
-    /// Binds the connection to a user: registers it and receives its direct messages.
-    async fn bind(&mut self, identity: Identity) -> Result<(), OpError> {
+    /// Binds the connection to a user: registers it and joins the user's
+    /// inbox, recovering after `since` (or after what was last pushed to the
+    /// user); the inbox's sequencer queues `reply` and the recovered direct
+    /// messages.
+    async fn bind(
+        &mut self,
+        identity: Identity,
+        since: Option<Since>,
+        reply: ReplyContext,
+    ) -> Result<(), OpError> {
         let gateway = self.gateway.clone();
         if self.slot.is_none() {
             self.slot = Some(user_slot(&gateway, &identity.user)?);
         }
         gateway.ensure_user(&identity.user).await?;
-        if let Err(error) = gateway
+        let since = match since {
+            Some(since) => Some(since),
+            None => gateway.store.inbox_cursor(&identity.user).await?,
+        };
+        let joined = gateway
             .delivery
-            .online(&identity.user, self.outbox.clone())
-            .await
-        {
-            tracing::warn!(user = %identity.user, %error, "direct-message topic not subscribed");
-            gateway
-                .delivery
-                .offline(&identity.user, self.outbox.id())
-                .await;
-            self.slot = None;
-            return Err(OpError::new(
-                ErrorCode::Unavailable,
-                "message store unavailable, retry later",
-            ));
-        }
+            .join(
+                StreamId::inbox(&identity.user),
+                self.outbox.clone(),
+                None,
+                since,
+                reply,
+            )
+            .await?;
+        self.inbox = Some(InboxPosition {
+            epoch: joined.epoch,
+            offset: joined.offset,
+            recovered: joined.recovered,
+        });
         let member = format!(
             "{}/{}/{}",
             identity.user,
@@ -407,7 +440,12 @@ impl Session {
         Ok(())
     }
 
-    async fn login(&mut self, user: String) -> Result<ReplyData, OpError> {
+    async fn login(
+        &mut self,
+        user: String,
+        since: Option<Since>,
+        (id, clock): (Option<RequestId>, u64),
+    ) -> Result<Done, OpError> {
         validate::user_name(&user)?;
         match &self.identity {
             Some(identity) if identity.user == user => {}
@@ -427,14 +465,23 @@ impl Session {
                 ));
             }
             None => {
-                let bound = self.bind(Identity::unrestricted(user.clone())).await;
+                let reply = ReplyContext {
+                    id,
+                    clock,
+                    kind: ReplyKind::Login { user: user.clone() },
+                };
+                let bound = self.bind(Identity::unrestricted(user), since, reply).await;
                 if bound.is_err() {
                     self.slot = None;
                 }
                 bound?;
+                return Ok(Done::Queued);
             }
         }
-        Ok(ReplyData::Login(LoginReply { user }))
+        Ok(Done::Reply(ReplyData::Login(LoginReply {
+            user,
+            inbox: self.inbox.clone(),
+        })))
     }
 
     /// Replaces the session's token with a newer one for the same user. The
@@ -528,12 +575,13 @@ impl Session {
             let reply = ReplyContext {
                 id,
                 clock,
-                presence,
+                kind: ReplyKind::Subscribe { presence },
             };
             let outbox = self.outbox.clone();
+            let stream = StreamId::channel(&channel);
             gateway
                 .delivery
-                .join(&channel, outbox, (member, user), since, reply)
+                .join(stream, outbox, Some((member, user)), since, reply)
                 .await
                 .map_err(OpError::from)
         }
@@ -566,7 +614,10 @@ impl Session {
     /// Removes the subscription and leaves presence.
     async fn leave(&self, channel: &str) {
         let gateway = &self.gateway;
-        gateway.delivery.leave(channel, self.outbox.id()).await;
+        gateway
+            .delivery
+            .leave(StreamId::channel(channel), self.outbox.id())
+            .await;
         gateway.metrics.subscriptions.dec();
         self.leave_presence(channel).await;
     }
@@ -585,7 +636,12 @@ impl Session {
         }
     }
 
-    fn check_publish(&mut self, channel: String, text: String) -> Result<Work, OpError> {
+    fn check_publish(
+        &mut self,
+        channel: String,
+        text: String,
+        key: Option<String>,
+    ) -> Result<Work, OpError> {
         self.check_channel(&channel)?;
         validate::text(&text, self.gateway.config.max_text_bytes)?;
         self.take_token()?;
@@ -594,15 +650,52 @@ impl Session {
             channel,
             user,
             text,
+            key,
         })
     }
 
-    fn check_direct(&mut self, to: String, text: String) -> Result<Work, OpError> {
+    fn check_direct(
+        &mut self,
+        to: String,
+        text: String,
+        key: Option<String>,
+    ) -> Result<Work, OpError> {
         validate::user_name(&to)?;
         validate::text(&text, self.gateway.config.max_text_bytes)?;
         let from = self.user()?.user.clone();
         self.take_token()?;
-        Ok(Work::Direct { from, to, text })
+        Ok(Work::Direct {
+            from,
+            to,
+            text,
+            key,
+        })
+    }
+
+    async fn conversations(
+        &self,
+        before: Option<u64>,
+        limit: Option<u32>,
+    ) -> Result<ReplyData, OpError> {
+        let user = &self.user()?.user;
+        let limit = validate::history_limit(limit)?;
+        let conversations = inbox::conversations(&self.gateway, user, before, limit).await?;
+        Ok(ReplyData::Conversations(ConversationsReply {
+            conversations,
+        }))
+    }
+
+    async fn dm_history(
+        &self,
+        with: String,
+        before: Option<u64>,
+        limit: Option<u32>,
+    ) -> Result<ReplyData, OpError> {
+        validate::user_name(&with)?;
+        let user = &self.user()?.user;
+        let limit = validate::history_limit(limit)?;
+        let messages = inbox::history(&self.gateway, user, &with, before, limit).await?;
+        Ok(ReplyData::DmHistory(DmHistoryReply { with, messages }))
     }
 
     async fn presence(&self, channel: String) -> Result<ReplyData, OpError> {
@@ -631,7 +724,7 @@ impl Session {
         if let Some(identity) = &self.identity {
             self.gateway
                 .delivery
-                .offline(&identity.user, self.outbox.id())
+                .leave(StreamId::inbox(&identity.user), self.outbox.id())
                 .await;
         }
     }

@@ -13,11 +13,14 @@ use tokio_util::task::TaskTracker;
 use chatcluster_protocol::LamportClock;
 use chatcluster_protocol::entry::StoredMessage;
 use chatcluster_protocol::frame::{
-    ChannelMessage, ErrorCode, PresenceChange, PresenceEvent, PublishReply,
+    ChannelMessage, ErrorCode, PresenceChange, PresenceEvent, PublishReply, ServerFrame,
 };
+use chatcluster_protocol::keys;
+use chatcluster_protocol::stream::StreamId;
 use chatcluster_protocol::validate::ValidationError;
 
 use crate::auth::Authenticator;
+use crate::blocks::Blocks;
 use crate::budget::UserConnections;
 use crate::config::Config;
 use crate::delivery::Delivery;
@@ -27,8 +30,11 @@ use crate::epochs::{self, EpochError};
 use crate::history::{History, HistoryError};
 use crate::metrics::Metrics;
 use crate::names::KnownNames;
+use crate::pages;
 use crate::pubsub::{Endpoint, Inbound, PubSub, PubSubError, PubSubSettings};
-use crate::store::{CreateLimits, Registration, Registry, Store, StoreError, StoreSettings};
+use crate::store::{
+    Append, Appended, CreateLimits, Registration, Registry, Store, StoreError, StoreSettings,
+};
 
 /// An operation that failed, as the client will see it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -73,10 +79,27 @@ impl From<JoinError> for OpError {
 }
 
 impl From<EpochError> for OpError {
+    /// The error of a write: when Redis may have carried it out without
+    /// answering, the client is told to retry with the same idempotency key.
     fn from(error: EpochError) -> Self {
         match error {
+            EpochError::Store(e) if e.outcome_unknown() => {
+                tracing::warn!(error = %e, "redis did not answer a write");
+                Self::new(
+                    ErrorCode::UnknownOutcome,
+                    "the message store did not answer: the message may or may not be stored; \
+                     retry with the same idempotency_key",
+                )
+            }
             EpochError::Store(e) => e.into(),
-            EpochError::History(e) => e.into(),
+            EpochError::Database(e) => e.into(),
+            EpochError::Contended(stream) => {
+                tracing::warn!(%stream, "write gave up: epoch or offset block kept changing");
+                Self::new(
+                    ErrorCode::Unavailable,
+                    "message store busy, nothing was stored; retry later",
+                )
+            }
         }
     }
 }
@@ -112,6 +135,13 @@ impl From<HistoryError> for OpError {
                     "history database unavailable, retry later",
                 )
             }
+            HistoryError::NoSchema => {
+                tracing::warn!("postgres has no chatcluster schema yet");
+                Self::new(
+                    ErrorCode::Unavailable,
+                    "database not initialized yet (the worker migrates it at start); retry later",
+                )
+            }
         }
     }
 }
@@ -127,6 +157,8 @@ pub struct Gateway {
     pub store: Store,
     /// PostgreSQL history reads.
     pub history: History,
+    /// Offset blocks reserved in PostgreSQL.
+    pub blocks: Blocks,
     /// The delivery core.
     pub delivery: Delivery,
     /// The subscriber connection.
@@ -172,6 +204,8 @@ impl Gateway {
                 history_ttl: config.history_ttl,
                 presence_ttl: config.presence_ttl,
                 timeout: config.backend_timeout,
+                idempotency_window: config.idempotency_window,
+                offset_block: config.offset_block,
             },
         )?;
         let history = History::new(
@@ -179,6 +213,7 @@ impl Gateway {
             config.backend_timeout,
             config.history_query_timeout,
         )?;
+        let blocks = Blocks::new(history.pool_handle(), config.offset_block);
         let (pubsub, subscriber) = PubSub::new(
             endpoint,
             PubSubSettings {
@@ -191,7 +226,7 @@ impl Gateway {
             config.dispatchers(),
             Context {
                 store: store.clone(),
-                history: history.clone(),
+                blocks: blocks.clone(),
                 pubsub: pubsub.clone(),
                 clock: clock.clone(),
                 metrics: metrics.clone(),
@@ -219,6 +254,7 @@ impl Gateway {
             config,
             store,
             history,
+            blocks,
             delivery,
             pubsub,
             names,
@@ -318,13 +354,16 @@ impl Gateway {
         Ok(exists)
     }
 
-    /// Publishes a channel message from `user`; `clock` is the Lamport time of the request.
+    /// Publishes a channel message from `user`; `clock` is the Lamport time
+    /// of the request. With an idempotency `key`, a retry within the window
+    /// returns the first call's result and stores nothing.
     pub async fn publish(
         &self,
         channel: &str,
         user: &str,
         text: String,
         clock: u64,
+        key: Option<&str>,
     ) -> Result<PublishReply, OpError> {
         self.ensure_channel(channel, user).await?;
         let message = StoredMessage {
@@ -335,26 +374,42 @@ impl Gateway {
             ts: chrono::Utc::now().timestamp_millis(),
             clock,
         };
-        let started = Instant::now();
-        let result = match self.store.publish(&message).await {
-            Err(StoreError::NoEpoch) => {
-                epochs::start(&self.store, &self.history, channel).await?;
-                self.store.publish(&message).await
-            }
-            other => other,
+        let shards = self.config.stream_shards;
+        let stream = StreamId::channel(channel);
+        let append = Append {
+            stream: &stream,
+            payload: message.encode(),
+            msg_id: message.msg_id,
+            record: key.map(|key| keys::publish_record_key(channel, user, key, shards)),
         };
-        let (offset, _epoch) = result.inspect_err(|_| {
-            self.metrics.redis_errors_total.inc();
-        })?;
+        let appended = self.append(&append).await?;
+        if !appended.replayed {
+            self.metrics.messages_in_total.inc();
+        }
+        Ok(PublishReply {
+            channel: message.channel,
+            offset: appended.offset,
+            msg_id: appended.msg_id,
+        })
+    }
+
+    /// Appends to a channel or inbox, with the latency and error metrics of a write.
+    pub async fn append(&self, append: &Append<'_>) -> Result<Appended, OpError> {
+        let started = Instant::now();
+        let appended = epochs::append(&self.store, &self.blocks, &self.metrics, append)
+            .await
+            .map_err(|error| {
+                self.metrics.redis_errors_total.inc();
+                let error = OpError::from(error);
+                if error.code == ErrorCode::UnknownOutcome {
+                    self.metrics.unknown_outcomes_total.inc();
+                }
+                error
+            })?;
         self.metrics
             .publish_latency
             .observe(started.elapsed().as_secs_f64());
-        self.metrics.messages_in_total.inc();
-        Ok(PublishReply {
-            channel: message.channel,
-            offset,
-            msg_id: message.msg_id,
-        })
+        Ok(appended)
     }
 
     /// Announces a presence change (best effort: a failure is logged).
@@ -371,9 +426,10 @@ impl Gateway {
         }
     }
 
-    /// A page of a channel's permanent history. `not_found` for a channel that
-    /// neither Redis nor PostgreSQL knows (PostgreSQL still has the history of a
-    /// channel a wiped Redis forgot).
+    /// A page of a channel's history, complete up to now: the Redis history
+    /// stream for the recent window, PostgreSQL below it (see [`pages`]).
+    /// `not_found` for a channel that neither Redis nor PostgreSQL knows
+    /// (PostgreSQL still has the history of a channel a wiped Redis forgot).
     pub async fn read_history(
         &self,
         channel: &str,
@@ -381,13 +437,36 @@ impl Gateway {
         limit: u32,
     ) -> Result<Vec<ChannelMessage>, OpError> {
         let known = self.store.exists(Registry::Channels, channel).await?;
-        let not_found = || OpError::new(ErrorCode::NotFound, format!("no channel {channel:?}"));
-        match self.history.page(channel, before, limit).await {
-            Ok(messages) if known || !messages.is_empty() => Ok(messages),
-            Ok(_) | Err(HistoryError::NotConfigured) if !known => Err(not_found()),
-            Ok(messages) => Ok(messages),
-            Err(error) => Err(error.into()),
+        let page = self
+            .store
+            .read_page(&StreamId::channel(channel), before, u64::from(limit))
+            .await?;
+        let entries = page
+            .entries
+            .into_iter()
+            .filter_map(|frame| match frame {
+                ServerFrame::Message(message) => Some(message),
+                _ => None,
+            })
+            .collect();
+        let limit = limit as usize;
+        let split = pages::split(entries, |m| m.offset, page.base, before, limit, |_| true);
+        if split.complete {
+            return Ok(pages::complete(split, Vec::new(), |m| m.offset, limit));
         }
+        let stored = match self.history.page(channel, split.below, limit as u32).await {
+            Ok(stored) => stored,
+            Err(HistoryError::NotConfigured) => Vec::new(),
+            Err(error) => return Err(error.into()),
+        };
+        let messages = pages::complete(split, stored, |m| m.offset, limit);
+        if messages.is_empty() && !known {
+            return Err(OpError::new(
+                ErrorCode::NotFound,
+                format!("no channel {channel:?}"),
+            ));
+        }
+        Ok(messages)
     }
 }
 

@@ -5,15 +5,26 @@
 //! decided together. The connection is a multiplexed `ConnectionManager`:
 //! concurrent requests from many WebSocket connections are pipelined on one
 //! socket, and it reconnects by itself after Redis comes back.
+//!
+//! Scripts run with `EVALSHA`. A `NOSCRIPT` answer means the Redis process is
+//! not the one the scripts were loaded into (a restart or a failover): before
+//! loading them again, the store records the new life of Redis in every
+//! shard's life key (see [`crate::life`]), so no stream keeps an epoch whose
+//! offsets Redis may have rewound.
 
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{AsyncCommands, Script};
+use redis::{AsyncCommands, FromRedisValue, Script, ToRedisArgs};
+use uuid::Uuid;
 
-use chatcluster_protocol::entry::{StoredDirect, StoredMessage, TopicEvent};
-use chatcluster_protocol::frame::{ChannelMessage, PresenceEvent};
+use chatcluster_protocol::entry::TopicEvent;
+use chatcluster_protocol::frame::{PresenceEvent, ServerFrame, Since};
+use chatcluster_protocol::stream::{AppendSettings, ScriptCall, StreamId};
 use chatcluster_protocol::{keys, scripts};
+
+use crate::life;
 
 /// A Redis request that failed.
 #[derive(Debug, thiserror::Error)]
@@ -24,18 +35,40 @@ pub enum StoreError {
     /// Redis did not answer in time.
     #[error("redis did not answer within {0:?}")]
     Timeout(Duration),
-    /// The channel has no epoch yet; initialize it and retry.
-    #[error("channel has no epoch")]
+    /// The stream has no epoch in this generation of Redis; start one and retry.
+    #[error("stream has no epoch")]
     NoEpoch,
-    /// A stored entry does not decode.
-    #[error("corrupt history entry: {0}")]
+    /// The stream's reserved offsets are used up; reserve more and retry.
+    #[error("stream {epoch} reached its reserved offset {top}")]
+    NoBlock {
+        /// The stream's epoch.
+        epoch: String,
+        /// Its newest offset (= its limit).
+        top: u64,
+    },
+    /// A stored entry or a reply does not decode.
+    #[error("corrupt entry or reply: {0}")]
     Corrupt(String),
 }
 
-/// Where a channel's history stands.
+impl StoreError {
+    /// Whether a write may have happened although it failed: the request may
+    /// have reached Redis, and no answer came back (a timeout or a connection
+    /// lost after sending). A refused connection or an error reply means it
+    /// did not run.
+    pub fn outcome_unknown(&self) -> bool {
+        match self {
+            Self::Timeout(_) => true,
+            Self::Redis(e) => e.is_io_error() && !e.is_connection_refusal(),
+            Self::NoEpoch | Self::NoBlock { .. } | Self::Corrupt(_) => false,
+        }
+    }
+}
+
+/// Where a stream stands.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Position {
-    /// Epoch of the channel's history.
+    /// Epoch of the stream's history.
     pub epoch: String,
     /// Newest offset (the epoch's starting floor when nothing was published in it yet).
     pub top: u64,
@@ -99,11 +132,17 @@ pub enum Registration {
 
 /// One page of a registry: names in order, and the cursor of the next page
 /// (`None` on the last).
-pub type Page = (Vec<String>, Option<String>);
+pub type NamePage = (Vec<String>, Option<String>);
 
 struct Scripts {
-    read: Script,
+    append: Script,
     init: Script,
+    extend: Script,
+    read: Script,
+    page: Script,
+    cursor: Script,
+    seen: Script,
+    new_life: Script,
     register: Script,
     index: Script,
     join: Script,
@@ -116,7 +155,7 @@ struct Scripts {
 pub struct StoreSettings {
     /// Persistence shards.
     pub shards: u32,
-    /// History stream length.
+    /// History stream length (channels and inboxes).
     pub history_size: u64,
     /// History and epoch lifetime when idle.
     pub history_ttl: Duration,
@@ -124,6 +163,49 @@ pub struct StoreSettings {
     pub presence_ttl: Duration,
     /// Request timeout.
     pub timeout: Duration,
+    /// How long an idempotency key's first result is kept.
+    pub idempotency_window: Duration,
+    /// Offsets reserved in PostgreSQL at a time; the next block is asked for
+    /// when half of one is left.
+    pub offset_block: u64,
+}
+
+/// What to append to a stream.
+#[derive(Debug, Clone)]
+pub struct Append<'a> {
+    /// The channel or inbox.
+    pub stream: &'a StreamId,
+    /// The MessagePack payload (`StoredMessage` or `StoredDirect`).
+    pub payload: Vec<u8>,
+    /// The message's id (kept in the idempotency record).
+    pub msg_id: Uuid,
+    /// The idempotency record key, when the client sent a key.
+    pub record: Option<String>,
+}
+
+/// What [`Store::append`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Appended {
+    /// The message's offset.
+    pub offset: u64,
+    /// The stream's epoch.
+    pub epoch: String,
+    /// The message's id (the first call's, when `replayed`).
+    pub msg_id: Uuid,
+    /// An earlier call with the same idempotency key answered; nothing was written.
+    pub replayed: bool,
+    /// The stream's limit, when the next block should be reserved now.
+    pub running_low: Option<u64>,
+}
+
+/// A page of a history stream read backwards ([`Store::read_page`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Page {
+    /// The offset the current epoch starts after (`None`: no valid epoch).
+    /// Entries above it are the epoch's messages without a gap.
+    pub base: Option<u64>,
+    /// Entries, newest first, as pushes.
+    pub entries: Vec<ServerFrame>,
 }
 
 /// The gateway's Redis client.
@@ -132,6 +214,11 @@ pub struct Store {
     conn: ConnectionManager,
     settings: StoreSettings,
     scripts: std::sync::Arc<Scripts>,
+    /// Held while a new life of Redis is recorded and the scripts loaded again.
+    life: std::sync::Arc<tokio::sync::Mutex<()>>,
+    /// Times the scripts were loaded, so a caller that met `NOSCRIPT` before
+    /// another caller loaded them only retries.
+    loads: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl std::fmt::Debug for Store {
@@ -142,17 +229,6 @@ impl std::fmt::Debug for Store {
     }
 }
 
-/// `EVAL` of a script sent whole, followed by its `keys` keys and then its
-/// arguments. Used for the writes a connection may pipeline: `EVALSHA` fails
-/// with `NOSCRIPT` after a Redis restart, and the retries of several in-flight
-/// calls could then run out of order; `EVAL` runs in the order it was sent
-/// (Redis still compiles the script once and caches it by its hash).
-fn in_order(script: &str, keys: usize) -> redis::Cmd {
-    let mut cmd = redis::cmd("EVAL");
-    cmd.arg(script).arg(keys);
-    cmd
-}
-
 fn parse_offset(id: &str) -> Option<u64> {
     id.split_once('-').and_then(|(ms, _)| ms.parse().ok())
 }
@@ -160,22 +236,20 @@ fn parse_offset(id: &str) -> Option<u64> {
 /// A stream entry as XRANGE returns it: its id and its fields.
 type StreamEntry = (String, Vec<(String, Vec<u8>)>);
 
-/// Decodes the reply of [`scripts::READ_RANGE`].
-fn parse_read(reply: redis::Value) -> Result<(Option<Position>, Vec<ChannelMessage>), StoreError> {
-    let corrupt = |what: &str| StoreError::Corrupt(format!("read reply: {what}"));
-    let redis::Value::Array(parts) = reply else {
-        return Err(corrupt("not an array"));
-    };
-    let [epoch, top, entries]: [redis::Value; 3] =
-        parts.try_into().map_err(|_| corrupt("not three parts"))?;
-    let epoch = match epoch {
-        redis::Value::Nil => return Ok((None, Vec::new())),
-        other => redis::from_redis_value::<String>(other).map_err(|_| corrupt("epoch"))?,
-    };
-    let top = redis::from_redis_value::<u64>(top).map_err(|_| corrupt("top"))?;
-    let entries: Vec<StreamEntry> =
-        redis::from_redis_value(entries).map_err(|_| corrupt("entries"))?;
-    let messages = entries
+fn corrupt(what: &str) -> StoreError {
+    StoreError::Corrupt(what.to_owned())
+}
+
+fn convert<T: FromRedisValue>(value: redis::Value, what: &str) -> Result<T, StoreError> {
+    redis::from_redis_value(value).map_err(|_| corrupt(what))
+}
+
+/// Decodes history entries into the pushes they are.
+fn decode_entries(
+    stream: &StreamId,
+    entries: Vec<StreamEntry>,
+) -> Result<Vec<ServerFrame>, StoreError> {
+    entries
         .into_iter()
         .map(|(id, fields)| {
             let offset = parse_offset(&id).ok_or_else(|| corrupt(&format!("entry id {id}")))?;
@@ -184,12 +258,105 @@ fn parse_read(reply: redis::Value) -> Result<(Option<Position>, Vec<ChannelMessa
                 .find(|(name, _)| name == chatcluster_protocol::entry::field::DATA)
                 .map(|(_, data)| data.as_slice())
                 .ok_or_else(|| corrupt(&format!("entry {id} has no data")))?;
-            let message =
-                StoredMessage::decode(data).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            Ok(message.into_channel_message(offset))
+            stream
+                .decode_entry(offset, data)
+                .map_err(|e| StoreError::Corrupt(e.to_string()))
         })
-        .collect::<Result<_, StoreError>>()?;
-    Ok((Some(Position { top, epoch }), messages))
+        .collect()
+}
+
+/// Decodes the reply of [`scripts::READ_RANGE`].
+fn parse_read(
+    stream: &StreamId,
+    reply: redis::Value,
+) -> Result<(Option<Position>, Vec<ServerFrame>), StoreError> {
+    let redis::Value::Array(parts) = reply else {
+        return Err(corrupt("read reply: not an array"));
+    };
+    let [epoch, top, entries]: [redis::Value; 3] = parts
+        .try_into()
+        .map_err(|_| corrupt("read reply: not three parts"))?;
+    let epoch = match epoch {
+        redis::Value::Nil => return Ok((None, Vec::new())),
+        other => convert::<String>(other, "read reply: epoch")?,
+    };
+    let top = convert::<u64>(top, "read reply: top")?;
+    let entries = decode_entries(stream, convert(entries, "read reply: entries")?)?;
+    Ok((Some(Position { top, epoch }), entries))
+}
+
+/// Decodes the reply of [`scripts::APPEND`].
+fn parse_appended(reply: redis::Value) -> Result<Appended, StoreError> {
+    let (offset, epoch, msg_id, replayed, limit): (u64, String, String, u8, u64) =
+        convert(reply, "append reply")?;
+    let msg_id = msg_id
+        .parse()
+        .map_err(|_| corrupt(&format!("append reply: message id {msg_id:?}")))?;
+    Ok(Appended {
+        offset,
+        epoch,
+        msg_id,
+        replayed: replayed == 1,
+        running_low: (limit > 0).then_some(limit),
+    })
+}
+
+/// Maps the errors [`scripts::APPEND`] returns before writing.
+fn append_error(error: StoreError) -> StoreError {
+    let StoreError::Redis(e) = &error else {
+        return error;
+    };
+    match e.code() {
+        Some(scripts::NO_EPOCH) => StoreError::NoEpoch,
+        Some(scripts::NO_BLOCK) => {
+            let mut words = e.detail().unwrap_or_default().split_whitespace();
+            match (words.next(), words.next().and_then(|t| t.parse().ok())) {
+                (Some(epoch), Some(top)) => StoreError::NoBlock {
+                    epoch: epoch.to_owned(),
+                    top,
+                },
+                _ => corrupt("NOBLOCK without epoch and top"),
+            }
+        }
+        _ => error,
+    }
+}
+
+/// Keys and arguments of one script call.
+#[derive(Default)]
+struct Call {
+    keys: Vec<Vec<u8>>,
+    args: Vec<Vec<u8>>,
+}
+
+impl From<ScriptCall> for Call {
+    fn from(call: ScriptCall) -> Self {
+        Self {
+            keys: call.keys.into_iter().map(String::into_bytes).collect(),
+            args: call.args,
+        }
+    }
+}
+
+impl Call {
+    fn key(mut self, key: impl ToRedisArgs) -> Self {
+        key.write_redis_args(&mut self.keys);
+        self
+    }
+
+    fn arg(mut self, arg: impl ToRedisArgs) -> Self {
+        arg.write_redis_args(&mut self.args);
+        self
+    }
+
+    fn evalsha(&self, script: &Script) -> redis::Cmd {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(script.get_hash())
+            .arg(self.keys.len())
+            .arg(&self.keys)
+            .arg(&self.args);
+        cmd
+    }
 }
 
 impl Store {
@@ -205,14 +372,22 @@ impl Store {
             conn,
             settings,
             scripts: std::sync::Arc::new(Scripts {
+                append: Script::new(scripts::APPEND),
+                init: Script::new(scripts::INIT_EPOCH),
+                extend: Script::new(scripts::EXTEND_BLOCK),
                 read: Script::new(scripts::READ_RANGE),
-                init: Script::new(scripts::INIT_CHANNEL),
+                page: Script::new(scripts::READ_PAGE),
+                cursor: Script::new(scripts::INBOX_CURSOR),
+                seen: Script::new(scripts::INBOX_SEEN),
+                new_life: Script::new(scripts::NEW_LIFE),
                 register: Script::new(scripts::REGISTER_NAME),
                 index: Script::new(scripts::INDEX_NAMES),
                 join: Script::new(scripts::PRESENCE_JOIN),
                 leave: Script::new(scripts::PRESENCE_LEAVE),
                 sweep: Script::new(scripts::PRESENCE_SWEEP),
             }),
+            life: std::sync::Arc::default(),
+            loads: std::sync::Arc::default(),
         })
     }
 
@@ -233,6 +408,112 @@ impl Store {
         }
     }
 
+    /// Runs a script by its hash; when Redis does not know it (a new Redis
+    /// process), records the new life of Redis, loads the scripts (once for
+    /// all the calls that met `NOSCRIPT` meanwhile) and runs it again.
+    async fn run<T: FromRedisValue>(&self, script: &Script, call: Call) -> Result<T, StoreError> {
+        let mut conn = self.conn.clone();
+        let command = call.evalsha(script);
+        let mut loads = self.loads.load(Ordering::Acquire);
+        let mut result = self.timed(command.query_async(&mut conn)).await;
+        for _ in 0..3 {
+            match &result {
+                Err(StoreError::Redis(e))
+                    if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {}
+                _ => return result,
+            }
+            {
+                let _recording = self.life.lock().await;
+                if self.loads.load(Ordering::Acquire) == loads {
+                    self.new_life().await?;
+                    self.load_all().await?;
+                    self.loads.fetch_add(1, Ordering::AcqRel);
+                }
+                loads = self.loads.load(Ordering::Acquire);
+            }
+            result = self.timed(command.query_async(&mut conn)).await;
+        }
+        result
+    }
+
+    /// Records the Redis process now serving in every shard's life key (see
+    /// [`scripts::NEW_LIFE`]); a no-op for a process already recorded.
+    /// Called with `life` held.
+    async fn new_life(&self) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let info: String = self
+            .timed(
+                redis::cmd("INFO")
+                    .arg("server")
+                    .arg("persistence")
+                    .arg("replication")
+                    .query_async(&mut conn),
+            )
+            .await?;
+        // Managed Redis services may refuse CONFIG: then assume writes can be lost.
+        let fsync: Option<String> = self
+            .timed(
+                redis::cmd("CONFIG")
+                    .arg("GET")
+                    .arg("appendfsync")
+                    .query_async::<Vec<String>>(&mut conn),
+            )
+            .await
+            .ok()
+            .and_then(|pair| pair.into_iter().nth(1));
+        let life = life::parse(&info, fsync.as_deref()).map_err(|e| corrupt(&e))?;
+        let (mut generations, mut recorded) = (Vec::new(), false);
+        for shard in 0..self.settings.shards.max(1) {
+            let (generation, new): (u64, u8) = self
+                .timed(
+                    self.scripts
+                        .new_life
+                        .key(keys::life_key(shard))
+                        .arg(&life.run_id)
+                        .arg(u8::from(life.lossless))
+                        .invoke_async(&mut conn),
+                )
+                .await?;
+            generations.push(generation);
+            recorded |= new == 1;
+        }
+        if recorded {
+            tracing::info!(
+                run_id = %life.run_id,
+                lossless = life.lossless,
+                ?generations,
+                "serving a Redis process not seen before: its life is recorded"
+            );
+        }
+        Ok(())
+    }
+
+    /// Loads every script into Redis's script cache (one round trip).
+    async fn load_all(&self) -> Result<(), StoreError> {
+        let scripts = &self.scripts;
+        let mut pipe = redis::pipe();
+        for script in [
+            &scripts.append,
+            &scripts.init,
+            &scripts.extend,
+            &scripts.read,
+            &scripts.page,
+            &scripts.cursor,
+            &scripts.seen,
+            &scripts.register,
+            &scripts.index,
+            &scripts.join,
+            &scripts.leave,
+            &scripts.sweep,
+        ] {
+            pipe.load_script(script);
+        }
+        let mut conn = self.conn.clone();
+        self.timed(pipe.query_async::<Vec<String>>(&mut conn))
+            .await
+            .map(drop)
+    }
+
     /// `PING`.
     pub async fn ping(&self) -> Result<(), StoreError> {
         let mut conn = self.conn.clone();
@@ -244,58 +525,79 @@ impl Store {
         self.settings.history_ttl.as_secs()
     }
 
-    /// Publishes a channel message; returns its offset and the channel's epoch.
-    pub async fn publish(&self, message: &StoredMessage) -> Result<(u64, String), StoreError> {
-        let channel = &message.channel;
-        let shards = self.settings.shards;
-        let mut conn = self.conn.clone();
-        let mut eval = in_order(scripts::PUBLISH_MESSAGE, 3);
-        eval.arg(keys::meta_key(channel, shards))
-            .arg(keys::history_key(channel, shards))
-            .arg(keys::persist_key(keys::shard_of(channel, shards)))
-            .arg(message.encode())
-            .arg(self.settings.history_size)
-            .arg(self.ttl_secs())
-            .arg(keys::channel_topic(channel));
-        match self.timed(eval.query_async(&mut conn)).await {
-            Err(StoreError::Redis(e)) if e.code() == Some(scripts::NO_EPOCH) => {
-                Err(StoreError::NoEpoch)
-            }
-            other => other,
+    /// Appends a message to a channel or an inbox (see [`scripts::APPEND`]).
+    /// `StoreError::NoEpoch` and `StoreError::NoBlock` come before anything is written.
+    pub async fn append(&self, append: &Append<'_>) -> Result<Appended, StoreError> {
+        let settings = AppendSettings {
+            history_size: self.settings.history_size,
+            ttl_secs: self.ttl_secs(),
+            record_ms: self.settings.idempotency_window.as_millis() as u64,
+            block: self.settings.offset_block,
+        };
+        let call = append.stream.append_call(
+            self.settings.shards,
+            append.payload.clone(),
+            append.msg_id,
+            append.record.clone(),
+            &settings,
+        );
+        match self
+            .run::<redis::Value>(&self.scripts.append, call.into())
+            .await
+        {
+            Ok(reply) => parse_appended(reply),
+            Err(error) => Err(append_error(error)),
         }
     }
 
-    /// Starts the channel's epoch (after `floor`) if it has none; returns its position.
-    pub async fn init_channel(&self, channel: &str, floor: u64) -> Result<Position, StoreError> {
-        let shards = self.settings.shards;
-        let mut conn = self.conn.clone();
+    /// Starts the stream's epoch after `floor` with `limit` reserved, unless
+    /// it has a valid one; returns its position, its limit and whether this
+    /// call started it.
+    pub async fn init_epoch(
+        &self,
+        stream: &StreamId,
+        floor: u64,
+        limit: u64,
+    ) -> Result<(Position, u64, bool), StoreError> {
         let epoch = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
-        let mut invocation = self.scripts.init.prepare_invoke();
-        invocation
-            .key(keys::meta_key(channel, shards))
-            .key(keys::history_key(channel, shards))
-            .arg(epoch)
-            .arg(floor)
-            .arg(self.ttl_secs());
-        let (top, epoch): (u64, String) = self.timed(invocation.invoke_async(&mut conn)).await?;
-        Ok(Position { top, epoch })
+        let call = stream.init_call(self.settings.shards, &epoch, floor, limit, self.ttl_secs());
+        let (top, epoch, limit, started): (u64, String, u64, u8) =
+            self.run(&self.scripts.init, call.into()).await?;
+        Ok((Position { top, epoch }, limit, started == 1))
     }
 
-    /// The channel's position and the history messages in `from..=until`
-    /// (at most the history length), read in one atomic step.
+    /// Raises the stream's limit to `limit` if `epoch` is still its valid
+    /// epoch; returns whether it is.
+    pub async fn extend_block(
+        &self,
+        stream: &StreamId,
+        epoch: &str,
+        limit: u64,
+    ) -> Result<bool, StoreError> {
+        let keys = stream.keys(self.settings.shards);
+        let call = Call::default()
+            .key(&keys.meta)
+            .key(&keys.life)
+            .arg(epoch)
+            .arg(limit);
+        let valid: u8 = self.run(&self.scripts.extend, call).await?;
+        Ok(valid == 1)
+    }
+
+    /// The stream's position and the history messages of its current epoch in
+    /// `from..=until` (at most the history length), read in one atomic step.
     pub async fn read(
         &self,
-        channel: &str,
+        stream: &StreamId,
         from: Option<u64>,
         until: Option<u64>,
         with_messages: bool,
-    ) -> Result<(Option<Position>, Vec<ChannelMessage>), StoreError> {
-        let shards = self.settings.shards;
-        let mut conn = self.conn.clone();
-        let mut invocation = self.scripts.read.prepare_invoke();
-        invocation
-            .key(keys::meta_key(channel, shards))
-            .key(keys::history_key(channel, shards))
+    ) -> Result<(Option<Position>, Vec<ServerFrame>), StoreError> {
+        let keys = stream.keys(self.settings.shards);
+        let call = Call::default()
+            .key(&keys.meta)
+            .key(&keys.history)
+            .key(&keys.life)
             .arg(from.map_or_else(|| "-".to_owned(), |from| format!("{from}-0")))
             .arg(until.map_or_else(|| "+".to_owned(), |until| format!("{until}-0")))
             .arg(if with_messages {
@@ -303,27 +605,52 @@ impl Store {
             } else {
                 0
             });
-        let reply: redis::Value = self.timed(invocation.invoke_async(&mut conn)).await?;
-        parse_read(reply)
+        let reply: redis::Value = self.run(&self.scripts.read, call).await?;
+        parse_read(stream, reply)
     }
 
-    /// Sends a direct message (persisted, published to recipient and sender).
-    pub async fn send_direct(&self, direct: &StoredDirect) -> Result<(), StoreError> {
-        let shards = self.settings.shards;
-        let mut conn = self.conn.clone();
-        let sender_topic = if direct.from == direct.to {
-            String::new()
-        } else {
-            keys::user_topic(&direct.from)
+    /// Up to `count` of the stream's newest history entries below `before`,
+    /// newest first, with where its current epoch starts.
+    pub async fn read_page(
+        &self,
+        stream: &StreamId,
+        before: Option<u64>,
+        count: u64,
+    ) -> Result<Page, StoreError> {
+        let last = match before {
+            Some(0 | 1) => return Ok(Page::default()),
+            Some(before) => format!("{}-0", before - 1),
+            None => "+".to_owned(),
         };
-        let mut eval = in_order(scripts::PUBLISH_DIRECT, 1);
-        eval.arg(keys::persist_key(keys::shard_of(&direct.to, shards)))
-            .arg(direct.encode())
-            .arg(keys::user_topic(&direct.to))
-            .arg(sender_topic);
-        self.timed(eval.query_async::<i64>(&mut conn))
-            .await
-            .map(drop)
+        let keys = stream.keys(self.settings.shards);
+        let call = Call::default()
+            .key(&keys.meta)
+            .key(&keys.history)
+            .key(&keys.life)
+            .arg(last)
+            .arg(count.max(1));
+        let (base, entries): (Option<u64>, Vec<StreamEntry>) =
+            self.run(&self.scripts.page, call).await?;
+        Ok(Page {
+            base,
+            entries: decode_entries(stream, entries)?,
+        })
+    }
+
+    /// Where `user`'s inbox stands and what was last pushed to the user, as
+    /// the position to recover from (`None`: the inbox has no valid epoch).
+    pub async fn inbox_cursor(&self, user: &str) -> Result<Option<Since>, StoreError> {
+        let keys = StreamId::inbox(user).keys(self.settings.shards);
+        let call = Call::default().key(&keys.meta).key(&keys.life);
+        let (epoch, offset): (Option<String>, u64) = self.run(&self.scripts.cursor, call).await?;
+        Ok(epoch.map(|epoch| Since { offset, epoch }))
+    }
+
+    /// Records that `offset` of `user`'s inbox (in `epoch`) reached one of the user's connections.
+    pub async fn inbox_seen(&self, user: &str, epoch: &str, offset: u64) -> Result<(), StoreError> {
+        let keys = StreamId::inbox(user).keys(self.settings.shards);
+        let call = Call::default().key(&keys.meta).arg(epoch).arg(offset);
+        self.run::<u8>(&self.scripts.seen, call).await.map(drop)
     }
 
     /// Registers a user or channel name without limits; `true` when it is new.
@@ -340,23 +667,22 @@ impl Store {
         limits: Option<(&str, CreateLimits)>,
     ) -> Result<Registration, StoreError> {
         let shards = self.settings.shards;
-        let mut conn = self.conn.clone();
-        let mut invocation = self.scripts.register.prepare_invoke();
-        invocation
+        let call = Call::default()
             .key(registry.set())
             .key(keys::persist_key(keys::shard_of(name, shards)))
             .key(registry.index())
             .arg(registry.kind())
             .arg(name)
             .arg(chrono::Utc::now().timestamp_millis());
-        if let Some((creator, limits)) = limits {
-            invocation
+        let call = match limits {
+            Some((creator, limits)) => call
                 .key(keys::channel_quota_key(creator))
                 .arg(limits.max_total)
                 .arg(limits.per_creator)
-                .arg(limits.window.as_secs().max(1));
-        }
-        let outcome: i64 = self.timed(invocation.invoke_async(&mut conn)).await?;
+                .arg(limits.window.as_secs().max(1)),
+            None => call,
+        };
+        let outcome: i64 = self.run(&self.scripts.register, call).await?;
         Ok(match outcome {
             1 => Registration::Created,
             -1 => Registration::Full,
@@ -378,7 +704,7 @@ impl Store {
         registry: Registry,
         after: Option<&str>,
         limit: u32,
-    ) -> Result<Page, StoreError> {
+    ) -> Result<NamePage, StoreError> {
         let mut conn = self.conn.clone();
         let start = after.map_or_else(|| "-".to_owned(), |name| format!("({name}"));
         let mut names: Vec<String> = self
@@ -417,12 +743,11 @@ impl Store {
         }
         let (mut cursor, mut steps) = ("0".to_owned(), 0);
         loop {
-            let mut invocation = self.scripts.index.prepare_invoke();
-            invocation
+            let call = Call::default()
                 .key(registry.set())
                 .key(registry.index())
                 .arg(&cursor);
-            cursor = self.timed(invocation.invoke_async(&mut conn)).await?;
+            cursor = self.run(&self.scripts.index, call).await?;
             steps += 1;
             if cursor == "0" {
                 return Ok(steps);
@@ -448,16 +773,14 @@ impl Store {
         let (zset, hash) = self.presence_keys(channel);
         let ttl = self.settings.presence_ttl.as_millis() as i64;
         let expiry = chrono::Utc::now().timestamp_millis() + ttl;
-        let mut conn = self.conn.clone();
-        let mut invocation = self.scripts.join.prepare_invoke();
-        invocation
+        let call = Call::default()
             .key(zset)
             .key(hash)
             .arg(member)
             .arg(user)
             .arg(expiry)
             .arg(ttl * 4);
-        self.timed(invocation.invoke_async(&mut conn)).await
+        self.run(&self.scripts.join, call).await
     }
 
     /// Removes a presence member; `true` when the user just left.
@@ -468,22 +791,18 @@ impl Store {
         user: &str,
     ) -> Result<bool, StoreError> {
         let (zset, hash) = self.presence_keys(channel);
-        let mut conn = self.conn.clone();
-        let mut invocation = self.scripts.leave.prepare_invoke();
-        invocation.key(zset).key(hash).arg(member).arg(user);
-        self.timed(invocation.invoke_async(&mut conn)).await
+        let call = Call::default().key(zset).key(hash).arg(member).arg(user);
+        self.run(&self.scripts.leave, call).await
     }
 
     /// Removes expired members; returns the users who left.
     pub async fn presence_sweep(&self, channel: &str) -> Result<Vec<String>, StoreError> {
         let (zset, hash) = self.presence_keys(channel);
-        let mut conn = self.conn.clone();
-        let mut invocation = self.scripts.sweep.prepare_invoke();
-        invocation
+        let call = Call::default()
             .key(zset)
             .key(hash)
             .arg(chrono::Utc::now().timestamp_millis());
-        self.timed(invocation.invoke_async(&mut conn)).await
+        self.run(&self.scripts.sweep, call).await
     }
 
     /// Users present in a channel, sorted.
@@ -508,10 +827,22 @@ impl Store {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn offsets_from_entry_ids() {
-        assert_eq!(super::parse_offset("42-0"), Some(42));
-        assert_eq!(super::parse_offset("x-0"), None);
-        assert_eq!(super::parse_offset("42"), None);
+        assert_eq!(parse_offset("42-0"), Some(42));
+        assert_eq!(parse_offset("x-0"), None);
+        assert_eq!(parse_offset("42"), None);
+    }
+
+    #[test]
+    fn lost_answers_are_unknown_outcomes_refusals_and_replies_are_not() {
+        let io = |kind| StoreError::Redis(std::io::Error::new(kind, "x").into());
+        assert!(StoreError::Timeout(Duration::from_secs(1)).outcome_unknown());
+        assert!(io(std::io::ErrorKind::ConnectionReset).outcome_unknown());
+        assert!(io(std::io::ErrorKind::BrokenPipe).outcome_unknown());
+        assert!(!io(std::io::ErrorKind::ConnectionRefused).outcome_unknown());
+        assert!(!StoreError::NoEpoch.outcome_unknown());
     }
 }

@@ -198,7 +198,8 @@ mod tests {
         assert_eq!(
             request.op,
             Op::Login {
-                user: "José".into()
+                user: "José".into(),
+                since: None,
             }
         );
     }
@@ -249,6 +250,35 @@ mod tests {
         assert_eq!(err.message, "missing \"op\"");
         let err = decode_request(Encoding::Json, b"[1,2]").unwrap_err();
         assert_eq!(err.code, ErrorCode::BadRequest);
+    }
+
+    #[test]
+    fn idempotency_keys_are_checked_when_decoded() {
+        let ok = decode_request(
+            Encoding::Json,
+            br#"{"op":"publish","channel":"c","text":"t","idempotency_key":"9f0e-01"}"#,
+        )
+        .unwrap();
+        assert!(matches!(
+            ok.op,
+            Op::Publish { idempotency_key: Some(ref k), .. } if k == "9f0e-01"
+        ));
+        let long = format!(
+            r#"{{"op":"message","id":3,"to":"b","text":"t","idempotency_key":"{}"}}"#,
+            "k".repeat(MAX_IDEMPOTENCY_KEY + 1)
+        );
+        for bad in [
+            br#"{"op":"message","id":3,"to":"b","text":"t","idempotency_key":""}"#.to_vec(),
+            br#"{"op":"message","id":3,"to":"b","text":"t","idempotency_key":"a b"}"#.to_vec(),
+            long.into_bytes(),
+        ] {
+            let err = decode_request(Encoding::Json, &bad).unwrap_err();
+            assert_eq!(
+                (err.code, err.id),
+                (ErrorCode::BadRequest, Some(RequestId::Int(3)))
+            );
+            assert!(err.message.contains("idempotency_key"), "{}", err.message);
+        }
     }
 
     #[test]
@@ -323,7 +353,12 @@ mod tests {
 
     fn any_op() -> impl Strategy<Value = Op> {
         prop_oneof![
-            name().prop_map(|user| Op::Login { user }),
+            (name(), proptest::option::of((0..=MAX, "[a-z0-9]{0,12}"))).prop_map(
+                |(user, since)| Op::Login {
+                    user,
+                    since: since.map(|(offset, epoch)| Since { offset, epoch }),
+                }
+            ),
             (proptest::option::of(name()), any::<Option<u32>>())
                 .prop_map(|(cursor, limit)| Op::Users { cursor, limit }),
             name().prop_map(|channel| Op::Channel { channel }),
@@ -339,12 +374,33 @@ mod tests {
                 }
             ),
             name().prop_map(|channel| Op::Unsubscribe { channel }),
-            (name(), ".{0,64}").prop_map(|(channel, text)| Op::Publish { channel, text }),
-            (name(), ".{0,64}").prop_map(|(to, text)| Op::Message { to, text }),
+            (name(), ".{0,64}", proptest::option::of("[!-~]{1,128}")).prop_map(
+                |(channel, text, idempotency_key)| Op::Publish {
+                    channel,
+                    text,
+                    idempotency_key
+                }
+            ),
+            (name(), ".{0,64}", proptest::option::of("[!-~]{1,128}")).prop_map(
+                |(to, text, idempotency_key)| Op::Message {
+                    to,
+                    text,
+                    idempotency_key
+                }
+            ),
             name().prop_map(|channel| Op::Presence { channel }),
             (name(), proptest::option::of(0..=MAX), any::<Option<u32>>()).prop_map(
                 |(channel, before, limit)| Op::History {
                     channel,
+                    before,
+                    limit
+                }
+            ),
+            (any::<Option<u64>>(), any::<Option<u32>>())
+                .prop_map(|(before, limit)| Op::Conversations { before, limit }),
+            (name(), any::<Option<u64>>(), any::<Option<u32>>()).prop_map(
+                |(with, before, limit)| Op::DmHistory {
+                    with,
                     before,
                     limit
                 }

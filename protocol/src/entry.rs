@@ -1,11 +1,16 @@
 //! What is stored in Redis streams and published on topics.
 //!
-//! The publish script (see [`crate::scripts`]) stores one MessagePack payload,
-//! a [`StoredMessage`], three times: in the channel's history stream (entry id
-//! `<offset>-0`, field `d`), in the shard's persistence stream (fields `k=msg`,
-//! `o=<offset>`, `d`), and on the channel topic (`m<offset>:<epoch>:<payload>`). The
-//! offset is assigned inside the script, so it travels beside the payload.
-//! Gateways and the worker decode those bytes with the functions here only.
+//! The append script (see [`crate::scripts`]) stores one MessagePack payload
+//! three times. A channel message, a [`StoredMessage`]: in the channel's
+//! history stream (entry id `<offset>-0`, field `d`), in the shard's
+//! persistence stream (fields `k=msg`, `o=<offset>`, `d`), and on the channel
+//! topic (`m<offset>:<epoch>:<payload>`). A direct message, a [`StoredDirect`],
+//! once per inbox it enters (the recipient's and the sender's): in the user's
+//! inbox stream (`<offset>-0`, `d`), in the persistence stream (`k=dm`,
+//! `u=<inbox owner>`, `o=<inbox offset>`, `d`) and on the user's topic
+//! (`i<offset>:<epoch>:<payload>`). The offset is assigned inside the script,
+//! so it travels beside the payload. Gateways and the worker decode those
+//! bytes with the functions here only.
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use uuid::Uuid;
@@ -126,9 +131,10 @@ impl StoredDirect {
         codec::decode(Encoding::MsgPack, bytes).map_err(|e| EntryError::Payload(e.to_string()))
     }
 
-    /// The wire form.
-    pub fn into_direct_message(self) -> DirectMessage {
+    /// The wire form, at `offset` of the inbox it is pushed from (if any).
+    pub fn into_direct_message(self, offset: Option<u64>) -> DirectMessage {
         DirectMessage {
+            offset,
             msg_id: self.msg_id,
             from: self.from,
             to: self.to,
@@ -168,8 +174,10 @@ pub enum EntryError {
 pub mod field {
     /// Entry kind: `msg`, `dm`, `user`, `chan`.
     pub const KIND: &str = "k";
-    /// Channel offset (`msg`).
+    /// Channel offset (`msg`) or inbox offset (`dm`).
     pub const OFFSET: &str = "o";
+    /// The user whose inbox a `dm` entry is in.
+    pub const OWNER: &str = "u";
     /// MessagePack payload (`msg`, `dm`; also the history stream).
     pub const DATA: &str = "d";
     /// Name (`user`, `chan`).
@@ -200,8 +208,14 @@ pub enum PersistEntry {
         /// The message.
         message: StoredMessage,
     },
-    /// A direct message.
-    Direct(StoredDirect),
+    /// A direct message, in the inbox of one of its two users (entries
+    /// written before inboxes existed have none).
+    Direct {
+        /// The inbox: its owner and the message's offset there.
+        inbox: Option<InboxSlot>,
+        /// The message.
+        direct: StoredDirect,
+    },
     /// A user registered.
     User {
         /// User name.
@@ -216,6 +230,15 @@ pub enum PersistEntry {
         /// Created, ms since the epoch.
         ts: i64,
     },
+}
+
+/// Where a direct message sits in one user's inbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InboxSlot {
+    /// The inbox owner (the sender or the recipient).
+    pub owner: String,
+    /// The message's offset in that inbox.
+    pub offset: u64,
 }
 
 fn utf8(field: &'static str, value: &[u8]) -> Result<String, EntryError> {
@@ -240,7 +263,8 @@ impl PersistEntry {
     pub fn decode<'a>(
         fields: impl IntoIterator<Item = (&'a [u8], &'a [u8])>,
     ) -> Result<Self, EntryError> {
-        let (mut kind, mut offset, mut data, mut name, mut time) = (None, None, None, None, None);
+        let (mut kind, mut offset, mut data, mut name, mut time, mut owner) =
+            (None, None, None, None, None, None);
         for (key, value) in fields {
             let slot = match key {
                 b"k" => &mut kind,
@@ -248,6 +272,7 @@ impl PersistEntry {
                 b"d" => &mut data,
                 b"n" => &mut name,
                 b"t" => &mut time,
+                b"u" => &mut owner,
                 _ => continue,
             };
             *slot = Some(value);
@@ -261,9 +286,20 @@ impl PersistEntry {
                 )?,
                 message: StoredMessage::decode(data.ok_or(EntryError::MissingField(field::DATA))?)?,
             }),
-            b"dm" => Ok(Self::Direct(StoredDirect::decode(
-                data.ok_or(EntryError::MissingField(field::DATA))?,
-            )?)),
+            b"dm" => {
+                let inbox = match (owner, offset) {
+                    (Some(owner), Some(offset)) => Some(InboxSlot {
+                        owner: utf8(field::OWNER, owner)?,
+                        offset: number(field::OFFSET, offset)?,
+                    }),
+                    (None, None) => None,
+                    (None, Some(_)) => return Err(EntryError::MissingField(field::OWNER)),
+                    (Some(_), None) => return Err(EntryError::MissingField(field::OFFSET)),
+                };
+                let direct =
+                    StoredDirect::decode(data.ok_or(EntryError::MissingField(field::DATA))?)?;
+                Ok(Self::Direct { inbox, direct })
+            }
             b"user" | b"chan" => {
                 let name = utf8(
                     field::NAME,
@@ -293,11 +329,14 @@ impl PersistEntry {
                 (field::OFFSET, offset.to_string().into_bytes()),
                 (field::DATA, message.encode()),
             ],
-            Self::Direct(direct) => {
-                vec![
-                    (field::KIND, kind::DIRECT.into()),
-                    (field::DATA, direct.encode()),
-                ]
+            Self::Direct { inbox, direct } => {
+                let mut fields = vec![(field::KIND, kind::DIRECT.into())];
+                if let Some(slot) = inbox {
+                    fields.push((field::OWNER, slot.owner.clone().into_bytes()));
+                    fields.push((field::OFFSET, slot.offset.to_string().into_bytes()));
+                }
+                fields.push((field::DATA, direct.encode()));
+                fields
             }
             Self::User { name, ts } | Self::Channel { name, ts } => vec![
                 (
@@ -328,10 +367,32 @@ pub enum TopicEvent {
         /// The message.
         message: StoredMessage,
     },
-    /// `d<StoredDirect>`: a direct message.
-    Direct(StoredDirect),
+    /// `i<offset>:<epoch>:<StoredDirect>`: a direct message entering the
+    /// inbox of the topic's user.
+    Inbox {
+        /// Offset in the user's inbox.
+        offset: u64,
+        /// Epoch of the inbox's history.
+        epoch: String,
+        /// The message.
+        direct: StoredDirect,
+    },
     /// `p<PresenceEvent>`: a presence change.
     Presence(PresenceEvent),
+}
+
+/// Splits `<offset>:<epoch>:<payload>`.
+fn sequenced(rest: &[u8]) -> Result<(u64, String, &[u8]), EntryError> {
+    let mut parts = rest.splitn(3, |&b| b == b':');
+    let (Some(offset), Some(epoch), Some(payload)) = (parts.next(), parts.next(), parts.next())
+    else {
+        return Err(EntryError::Topic("message without offset and epoch"));
+    };
+    Ok((
+        number(field::OFFSET, offset)?,
+        utf8("epoch", epoch)?,
+        payload,
+    ))
 }
 
 impl TopicEvent {
@@ -340,19 +401,21 @@ impl TopicEvent {
         let (&tag, rest) = payload.split_first().ok_or(EntryError::Topic("empty"))?;
         match tag {
             b'm' => {
-                let mut parts = rest.splitn(3, |&b| b == b':');
-                let (Some(offset), Some(epoch), Some(payload)) =
-                    (parts.next(), parts.next(), parts.next())
-                else {
-                    return Err(EntryError::Topic("message without offset and epoch"));
-                };
+                let (offset, epoch, payload) = sequenced(rest)?;
                 Ok(Self::Message {
-                    offset: number(field::OFFSET, offset)?,
-                    epoch: utf8("epoch", epoch)?,
+                    offset,
+                    epoch,
                     message: StoredMessage::decode(payload)?,
                 })
             }
-            b'd' => Ok(Self::Direct(StoredDirect::decode(rest)?)),
+            b'i' => {
+                let (offset, epoch, payload) = sequenced(rest)?;
+                Ok(Self::Inbox {
+                    offset,
+                    epoch,
+                    direct: StoredDirect::decode(payload)?,
+                })
+            }
             b'p' => Ok(Self::Presence(
                 codec::decode(Encoding::MsgPack, rest)
                     .map_err(|e| EntryError::Payload(e.to_string()))?,
@@ -374,8 +437,12 @@ impl TopicEvent {
                 out.extend(message.encode());
                 out
             }
-            Self::Direct(direct) => {
-                let mut out = vec![b'd'];
+            Self::Inbox {
+                offset,
+                epoch,
+                direct,
+            } => {
+                let mut out = format!("i{offset}:{epoch}:").into_bytes();
                 out.extend(direct.encode());
                 out
             }
@@ -403,6 +470,17 @@ mod tests {
         }
     }
 
+    fn direct() -> StoredDirect {
+        StoredDirect {
+            msg_id: Uuid::from_u128(9),
+            from: "alice".into(),
+            to: "bob".into(),
+            text: "Oi".into(),
+            ts: 5,
+            clock: 2,
+        }
+    }
+
     #[test]
     fn timestamp_wire_form() {
         let ts = Timestamp(1_795_000_000_123);
@@ -419,14 +497,17 @@ mod tests {
                 offset: 42,
                 message: message(),
             },
-            PersistEntry::Direct(StoredDirect {
-                msg_id: Uuid::from_u128(9),
-                from: "alice".into(),
-                to: "bob".into(),
-                text: "Oi".into(),
-                ts: 5,
-                clock: 2,
-            }),
+            PersistEntry::Direct {
+                inbox: Some(InboxSlot {
+                    owner: "bob".into(),
+                    offset: 12,
+                }),
+                direct: direct(),
+            },
+            PersistEntry::Direct {
+                inbox: None,
+                direct: direct(),
+            },
             PersistEntry::User {
                 name: "bob".into(),
                 ts: 3,
@@ -466,6 +547,11 @@ mod tests {
             decode(&[("k", b"user"), ("t", b"1")]),
             Err(EntryError::MissingField("n"))
         );
+        assert_eq!(
+            decode(&[("k", b"dm"), ("o", b"1"), ("d", b"")]),
+            Err(EntryError::MissingField("u")),
+            "an inbox offset needs its owner"
+        );
     }
 
     #[test]
@@ -475,6 +561,11 @@ mod tests {
                 offset: 3,
                 epoch: "e1".into(),
                 message: message(),
+            },
+            TopicEvent::Inbox {
+                offset: 4,
+                epoch: "e2".into(),
+                direct: direct(),
             },
             TopicEvent::Presence(PresenceEvent {
                 channel: "geral".into(),

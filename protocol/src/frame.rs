@@ -86,6 +86,12 @@ pub struct RawRequest {
     /// `refresh`: the new JWT.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token: Option<Token>,
+    /// `publish` and `message`: the client's key for retrying the same send.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+    /// `dm_history`: the other user of the conversation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub with: Option<String>,
 }
 
 /// Just the id of a request, salvaged from a frame that failed to decode.
@@ -102,6 +108,8 @@ pub enum Op {
     Login {
         /// The user name.
         user: String,
+        /// The last inbox position the client saw, to recover its direct messages from.
+        since: Option<Since>,
     },
     /// List known users, one page at a time.
     Users {
@@ -140,6 +148,8 @@ pub enum Op {
         channel: String,
         /// The message text.
         text: String,
+        /// Retries with the same key return the first result.
+        idempotency_key: Option<String>,
     },
     /// Send a direct message.
     Message {
@@ -147,6 +157,8 @@ pub enum Op {
         to: String,
         /// The message text.
         text: String,
+        /// Retries with the same key return the first result.
+        idempotency_key: Option<String>,
     },
     /// List who is present in a channel.
     Presence {
@@ -158,6 +170,22 @@ pub enum Op {
         /// The channel name.
         channel: String,
         /// Only messages with a smaller offset.
+        before: Option<u64>,
+        /// Page size (1..=100).
+        limit: Option<u32>,
+    },
+    /// List the user's direct-message conversations, newest first.
+    Conversations {
+        /// Only conversations whose last message has a smaller inbox offset.
+        before: Option<u64>,
+        /// Page size (1..=100).
+        limit: Option<u32>,
+    },
+    /// Page through one direct-message conversation.
+    DmHistory {
+        /// The other user.
+        with: String,
+        /// Only messages with a smaller inbox offset.
         before: Option<u64>,
         /// Page size (1..=100).
         limit: Option<u32>,
@@ -185,6 +213,8 @@ impl Op {
             Op::Message { .. } => "message",
             Op::Presence { .. } => "presence",
             Op::History { .. } => "history",
+            Op::Conversations { .. } => "conversations",
+            Op::DmHistory { .. } => "dm_history",
             Op::Ping => "ping",
             Op::Refresh { .. } => "refresh",
         }
@@ -233,6 +263,33 @@ fn required(
     value.ok_or_else(|| RequestError::bad_request(id.clone(), format!("{op} needs \"{field}\"")))
 }
 
+/// Longest idempotency key, in bytes.
+pub const MAX_IDEMPOTENCY_KEY: usize = 128;
+
+/// Checks an idempotency key: 1 to [`MAX_IDEMPOTENCY_KEY`] printable ASCII
+/// characters without spaces (a UUID is a good key).
+pub fn check_idempotency_key(key: &str) -> Result<(), String> {
+    if key.is_empty()
+        || key.len() > MAX_IDEMPOTENCY_KEY
+        || !key.bytes().all(|b| b.is_ascii_graphic())
+    {
+        return Err(format!(
+            "idempotency_key must be 1 to {MAX_IDEMPOTENCY_KEY} printable ASCII characters without spaces"
+        ));
+    }
+    Ok(())
+}
+
+fn idempotency_key(
+    key: Option<String>,
+    id: &Option<RequestId>,
+) -> Result<Option<String>, RequestError> {
+    if let Some(key) = &key {
+        check_idempotency_key(key).map_err(|e| RequestError::bad_request(id.clone(), e))?;
+    }
+    Ok(key)
+}
+
 impl TryFrom<RawRequest> for Request {
     type Error = RequestError;
 
@@ -271,6 +328,7 @@ impl TryFrom<RawRequest> for Request {
         let op = match name.as_str() {
             "login" => Op::Login {
                 user: need("user", user)?,
+                since: raw.since,
             },
             "users" => Op::Users {
                 cursor,
@@ -293,16 +351,27 @@ impl TryFrom<RawRequest> for Request {
             "publish" => Op::Publish {
                 channel: need("channel", channel)?,
                 text: need("text", raw.text)?,
+                idempotency_key: idempotency_key(raw.idempotency_key, &id)?,
             },
             "message" => Op::Message {
                 to: need("to", to)?,
                 text: need("text", raw.text)?,
+                idempotency_key: idempotency_key(raw.idempotency_key, &id)?,
             },
             "presence" => Op::Presence {
                 channel: need("channel", channel)?,
             },
             "history" => Op::History {
                 channel: need("channel", channel)?,
+                before,
+                limit: raw.limit,
+            },
+            "conversations" => Op::Conversations {
+                before,
+                limit: raw.limit,
+            },
+            "dm_history" => Op::DmHistory {
+                with: need("with", raw.with.map(validate::nfc_owned))?,
                 before,
                 limit: raw.limit,
             },
@@ -383,7 +452,10 @@ impl From<&Request> for RawRequest {
             ..RawRequest::default()
         };
         match &request.op {
-            Op::Login { user } => raw.user = Some(user.clone()),
+            Op::Login { user, since } => {
+                raw.user = Some(user.clone());
+                raw.since = since.clone();
+            }
             Op::Ping => {}
             Op::Users { cursor, limit } | Op::Channels { cursor, limit } => {
                 raw.cursor = cursor.clone();
@@ -397,13 +469,23 @@ impl From<&Request> for RawRequest {
                 raw.channel = Some(channel.clone());
                 raw.since = since.clone();
             }
-            Op::Publish { channel, text } => {
+            Op::Publish {
+                channel,
+                text,
+                idempotency_key,
+            } => {
                 raw.channel = Some(channel.clone());
                 raw.text = Some(text.clone());
+                raw.idempotency_key = idempotency_key.clone();
             }
-            Op::Message { to, text } => {
+            Op::Message {
+                to,
+                text,
+                idempotency_key,
+            } => {
                 raw.to = Some(to.clone());
                 raw.text = Some(text.clone());
+                raw.idempotency_key = idempotency_key.clone();
             }
             Op::History {
                 channel,
@@ -411,6 +493,19 @@ impl From<&Request> for RawRequest {
                 limit,
             } => {
                 raw.channel = Some(channel.clone());
+                raw.before = *before;
+                raw.limit = *limit;
+            }
+            Op::Conversations { before, limit } => {
+                raw.before = *before;
+                raw.limit = *limit;
+            }
+            Op::DmHistory {
+                with,
+                before,
+                limit,
+            } => {
+                raw.with = Some(with.clone());
                 raw.before = *before;
                 raw.limit = *limit;
             }
@@ -441,6 +536,9 @@ pub enum ErrorCode {
     TooLarge,
     /// A backend (Redis, PostgreSQL) is unreachable; retry later.
     Unavailable,
+    /// A write may or may not have happened (Redis did not answer after the
+    /// request was sent): retry with the same idempotency key.
+    UnknownOutcome,
     /// A bug on the server.
     Internal,
 }
@@ -457,6 +555,7 @@ impl ErrorCode {
             Self::LimitExceeded => "limit_exceeded",
             Self::TooLarge => "too_large",
             Self::Unavailable => "unavailable",
+            Self::UnknownOutcome => "unknown_outcome",
             Self::Internal => "internal",
         }
     }
@@ -490,6 +589,10 @@ pub struct ChannelMessage {
 /// A direct message push.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DirectMessage {
+    /// Position in the inbox of the user it is pushed to (or listed for):
+    /// dense per user, like a channel offset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offset: Option<u64>,
     /// Unique id of the message.
     pub msg_id: Uuid,
     /// Sender.
@@ -568,6 +671,22 @@ pub enum ServerFrame<D = ReplyData> {
 pub struct LoginReply {
     /// The user now bound to the connection.
     pub user: String,
+    /// Where the user's inbox stands; direct messages after `inbox.offset`
+    /// follow as pushes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inbox: Option<InboxPosition>,
+}
+
+/// Where a user's inbox (its direct messages, sent and received) stands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InboxPosition {
+    /// Epoch of the inbox's recent history in Redis.
+    pub epoch: String,
+    /// The inbox offset the reply covers; pushes continue after it.
+    pub offset: u64,
+    /// Whether every direct message after the position recovered from (the
+    /// request's `since`, or what the server last pushed to this user) is pushed.
+    pub recovered: bool,
 }
 
 /// `users` reply.
@@ -649,6 +768,8 @@ pub struct PublishReply {
 pub struct DirectReply {
     /// Id given to the message.
     pub msg_id: Uuid,
+    /// The message's offset in the sender's own inbox.
+    pub offset: u64,
 }
 
 /// `presence` reply.
@@ -667,6 +788,31 @@ pub struct HistoryReply {
     pub channel: String,
     /// Messages, newest last.
     pub messages: Vec<ChannelMessage>,
+}
+
+/// One direct-message conversation of a user.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Conversation {
+    /// The other user.
+    pub with: String,
+    /// The newest message of the conversation (`offset`: in the asking user's inbox).
+    pub last: DirectMessage,
+}
+
+/// `conversations` reply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConversationsReply {
+    /// Conversations, the one with the newest message first.
+    pub conversations: Vec<Conversation>,
+}
+
+/// `dm_history` reply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DmHistoryReply {
+    /// The other user.
+    pub with: String,
+    /// Messages sent and received, newest last (`offset`: in the asking user's inbox).
+    pub messages: Vec<DirectMessage>,
 }
 
 /// `ping` reply: an empty object.
@@ -697,6 +843,10 @@ pub enum ReplyData {
     Presence(PresenceReply),
     /// `history`.
     History(HistoryReply),
+    /// `conversations`.
+    Conversations(ConversationsReply),
+    /// `dm_history`.
+    DmHistory(DmHistoryReply),
     /// `ping`.
     Pong(Empty),
     /// `refresh`.

@@ -52,6 +52,43 @@ pub fn presence_users_key(channel: &str, shards: u32) -> String {
     )
 }
 
+/// `cc:{sN}:imeta:<user>`: hash with the user inbox's `epoch`, `top` and the
+/// offset last pushed to the user (`seen`).
+pub fn inbox_meta_key(user: &str, shards: u32) -> String {
+    format!("cc:{{s{}}}:imeta:{user}", shard_of(user, shards))
+}
+
+/// `cc:{sN}:inbox:<user>`: the user's recent direct messages, sent and
+/// received, entry id `<inbox offset>-0`.
+pub fn inbox_key(user: &str, shards: u32) -> String {
+    format!("cc:{{s{}}}:inbox:{user}", shard_of(user, shards))
+}
+
+/// `cc:{sN}:life`: hash with the life of Redis a shard's epochs belong to
+/// (`run`, `gen`, `lossless`; see [`crate::scripts::NEW_LIFE`]).
+pub fn life_key(shard: u32) -> String {
+    format!("cc:{{s{shard}}}:life")
+}
+
+/// `cc:{sN}:idem:<channel>/<user>/<key>`: the first result of a publish by
+/// `user` with idempotency key `key` (channel names hold no `/`).
+pub fn publish_record_key(channel: &str, user: &str, key: &str, shards: u32) -> String {
+    format!(
+        "cc:{{s{}}}:idem:{channel}/{user}/{key}",
+        shard_of(channel, shards)
+    )
+}
+
+/// `cc:{sN}:idem:@<owner>/<sender>/<key>`: the first result of a direct
+/// message by `sender` with idempotency key `key`, in `owner`'s inbox (`@`
+/// never starts a channel name, so these never meet a publish record).
+pub fn direct_record_key(owner: &str, sender: &str, key: &str, shards: u32) -> String {
+    format!(
+        "cc:{{s{}}}:idem:@{owner}/{sender}/{key}",
+        shard_of(owner, shards)
+    )
+}
+
 /// `cc:{sN}:persist`: the persistence stream of shard `shard`.
 pub fn persist_key(shard: u32) -> String {
     format!("cc:{{s{shard}}}:persist")
@@ -95,6 +132,12 @@ mod tests {
         assert!(presence_key("geral", 4).contains(&tag));
         assert!(presence_users_key("geral", 4).contains(&tag));
         assert!(persist_key(s).contains(&tag));
+        assert!(life_key(s).contains(&tag));
+        assert!(publish_record_key("geral", "bob", "k1", 4).contains(&tag));
+        let u = format!("{{s{}}}", shard_of("bob", 4));
+        assert!(inbox_meta_key("bob", 4).contains(&u));
+        assert!(inbox_key("bob", 4).contains(&u));
+        assert!(direct_record_key("bob", "alice", "k1", 4).contains(&u));
     }
 
     #[test]

@@ -9,7 +9,8 @@
 //! * [`clock`]: the Lamport clock carried by every frame,
 //! * [`keys`]: the Redis key layout (hash tags per persistence shard),
 //! * [`entry`]: the payloads stored in Redis streams and published on topics,
-//! * [`scripts`]: the Lua scripts that publish atomically.
+//! * [`scripts`]: the Lua scripts that publish atomically,
+//! * [`stream`]: channels and inboxes, the two kinds of sequenced streams.
 
 pub mod clock;
 pub mod codec;
@@ -17,6 +18,7 @@ pub mod entry;
 pub mod frame;
 pub mod keys;
 pub mod scripts;
+pub mod stream;
 pub mod validate;
 
 pub use clock::LamportClock;

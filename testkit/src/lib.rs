@@ -6,7 +6,8 @@
 //! package to install.
 //!
 //! * [`redis`], [`postgres`]: servers on Unix sockets in private temp dirs,
-//!   so parallel tests never share a port;
+//!   so parallel tests never share a port (Redis optionally with an AOF,
+//!   restarted from it after a kill);
 //! * [`haproxy`]: HAProxy in front of gateway sockets, on TCP ports it is
 //!   proven to own ([`process::Guarded::wait_listening`]);
 //! * [`process`]: any child process (servers and the project's binaries);
@@ -23,7 +24,7 @@ pub mod tls_redis;
 
 pub use haproxy::Haproxy;
 pub use postgres::Postgres;
-pub use redis::RedisServer;
+pub use redis::{Fsync, Persistence, RedisServer};
 pub use tls_redis::TlsRedis;
 
 use std::net::{TcpListener, TcpStream};

@@ -6,8 +6,15 @@
 //!   to a request that contained `command` is swallowed and the connection
 //!   closed, as when a network path dies after the server acted but before the
 //!   client heard back ("the command ran, the reply was lost");
-//! - while [`FaultProxy::black_hole`] is on, every byte either way is dropped
-//!   and nothing is closed: a half-open link that looks alive to both ends.
+//! - while [`FaultProxy::black_hole`] is on, no byte gets through either way
+//!   and nothing is closed: a network partition, a link that looks alive to
+//!   both ends. What was sent meanwhile is held and arrives in order when it
+//!   ends, as TCP retransmits it (dropping bytes from the middle of a stream
+//!   is something no real link does to a client);
+//! - while [`FaultProxy::refuse`] is on, open connections are closed and new
+//!   ones closed at once: the server is unreachable.
+//!   [`FaultProxy::refuse_after_loss`] turns it on the moment the reply is
+//!   lost, so the client cannot ask again what happened.
 
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -28,6 +35,8 @@ pub struct LoseReply {
 struct Shared {
     fault: Option<LoseReply>,
     black_hole: AtomicBool,
+    refusing: AtomicBool,
+    refuse_after_loss: AtomicBool,
     armed: AtomicBool,
     fired: AtomicUsize,
     closed: AtomicBool,
@@ -62,6 +71,8 @@ impl FaultProxy {
         let shared = Arc::new(Shared {
             fault,
             black_hole: AtomicBool::new(false),
+            refusing: AtomicBool::new(false),
+            refuse_after_loss: AtomicBool::new(false),
             armed: AtomicBool::new(true),
             fired: AtomicUsize::new(0),
             closed: AtomicBool::new(false),
@@ -73,6 +84,9 @@ impl FaultProxy {
                 let Ok(client) = client else { return };
                 if accepting.closed.load(Ordering::SeqCst) {
                     return;
+                }
+                if accepting.refusing.load(Ordering::SeqCst) {
+                    continue;
                 }
                 let Ok(server) = UnixStream::connect(&target) else {
                     continue;
@@ -94,9 +108,20 @@ impl FaultProxy {
         format!("unix://{}", self.socket().display())
     }
 
-    /// Drops every byte either way while `on`, closing nothing.
+    /// Holds every byte either way while `on`, closing nothing; what was
+    /// held is delivered, in order, when it is turned off.
     pub fn black_hole(&self, on: bool) {
         self.shared.black_hole.store(on, Ordering::SeqCst);
+    }
+
+    /// Closes every connection, and each new one at once, while `on`.
+    pub fn refuse(&self, on: bool) {
+        self.shared.refusing.store(on, Ordering::SeqCst);
+    }
+
+    /// Starts refusing connections when the reply is lost.
+    pub fn refuse_after_loss(&self, on: bool) {
+        self.shared.refuse_after_loss.store(on, Ordering::SeqCst);
     }
 
     /// How many replies were lost (0 or 1).
@@ -114,65 +139,110 @@ impl Drop for FaultProxy {
     }
 }
 
-/// Forwards one connection: requests on this thread's helper, replies here.
+/// What to do with a chunk read from one side.
+enum Chunk {
+    /// Write it to the other side.
+    Forward,
+    /// Swallow it and close the connection (the lost reply).
+    Lose,
+}
+
+/// How long a read waits, so bytes held by a black hole go out soon after it ends.
+const HOLD_POLL: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// Copies `from` to `to` until either side closes or the proxy refuses.
+/// While the black hole is on, what is read is held back, and written in
+/// order once it is off: a network partition, as TCP endpoints see one.
+fn forward(
+    mut from: UnixStream,
+    mut to: UnixStream,
+    shared: &Shared,
+    mut inspect: impl FnMut(&[u8]) -> Chunk,
+) {
+    let _ = from.set_read_timeout(Some(HOLD_POLL));
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut held = Vec::new();
+    loop {
+        if shared.refusing.load(Ordering::SeqCst) {
+            break;
+        }
+        let hole = shared.black_hole.load(Ordering::SeqCst);
+        if !hole && !held.is_empty() {
+            if to.write_all(&held).is_err() {
+                break;
+            }
+            held.clear();
+        }
+        let n = match from.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                continue;
+            }
+            Err(_) => break,
+        };
+        if hole {
+            held.extend_from_slice(&buf[..n]);
+            continue;
+        }
+        match inspect(&buf[..n]) {
+            Chunk::Lose => break,
+            Chunk::Forward => {
+                if to.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    let _ = to.shutdown(std::net::Shutdown::Both);
+    let _ = from.shutdown(std::net::Shutdown::Both);
+}
+
+/// Forwards one connection: requests on a helper thread, replies here.
 fn pump(client: UnixStream, server: UnixStream, shared: Arc<Shared>) {
     let asked = Arc::new(AtomicBool::new(false));
-    let (Ok(mut client_in), Ok(mut server_out)) = (client.try_clone(), server.try_clone()) else {
+    let (Ok(client_in), Ok(server_out)) = (client.try_clone(), server.try_clone()) else {
         return;
     };
     let requests = {
-        let asked = asked.clone();
-        let shared = shared.clone();
+        let (asked, shared) = (asked.clone(), shared.clone());
         let command = shared
             .fault
             .as_ref()
             .map(|f| f.command.to_ascii_lowercase().into_bytes());
         std::thread::spawn(move || {
-            let mut buf = vec![0u8; 64 * 1024];
-            while let Ok(n) = client_in.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                if shared.black_hole.load(Ordering::SeqCst) {
-                    continue;
-                }
+            forward(client_in, server_out, &shared, |chunk| {
                 if let Some(command) = &command {
-                    let chunk = buf[..n].to_ascii_lowercase();
-                    asked.store(
-                        chunk
-                            .windows(command.len())
-                            .any(|w| w == command.as_slice()),
-                        Ordering::SeqCst,
-                    );
+                    let chunk = chunk.to_ascii_lowercase();
+                    let found = chunk
+                        .windows(command.len())
+                        .any(|w| w == command.as_slice());
+                    asked.store(found, Ordering::SeqCst);
                 }
-                if server_out.write_all(&buf[..n]).is_err() {
-                    break;
-                }
-            }
-            let _ = server_out.shutdown(std::net::Shutdown::Write);
+                Chunk::Forward
+            });
         })
     };
-    let (mut server_in, mut client_out) = (server, client);
-    let mut buf = vec![0u8; 64 * 1024];
-    while let Ok(n) = server_in.read(&mut buf) {
-        if n == 0 {
-            break;
-        }
-        if shared.black_hole.load(Ordering::SeqCst) {
-            continue;
-        }
-        if shared.fault.as_ref().is_some_and(|f| n >= f.min_len)
+    forward(server, client, &shared, |chunk| {
+        if shared
+            .fault
+            .as_ref()
+            .is_some_and(|f| chunk.len() >= f.min_len)
             && asked.load(Ordering::SeqCst)
             && shared.armed.swap(false, Ordering::SeqCst)
         {
+            if shared.refuse_after_loss.load(Ordering::SeqCst) {
+                shared.refusing.store(true, Ordering::SeqCst);
+            }
             shared.fired.fetch_add(1, Ordering::SeqCst);
-            break;
+            return Chunk::Lose;
         }
-        if client_out.write_all(&buf[..n]).is_err() {
-            break;
-        }
-    }
-    let _ = client_out.shutdown(std::net::Shutdown::Both);
-    let _ = server_in.shutdown(std::net::Shutdown::Both);
+        Chunk::Forward
+    });
     let _ = requests.join();
 }

@@ -1,8 +1,13 @@
-//! A real `redis-server` on a Unix socket in its own temp dir, without persistence.
+//! A real `redis-server` on a Unix socket in its own temp dir, without
+//! persistence or with an append-only file.
 //!
 //! A socket in a private directory cannot collide with another test's server
 //! (a loopback port drawn by [`crate::free_port`] can), and survives restarts
-//! under the same path, so clients keep their URL.
+//! under the same path, so clients keep their URL. With [`Persistence::Aof`],
+//! [`RedisServer::kill`] then [`RedisServer::restart`] is a crash and a
+//! restart from the AOF; [`RedisServer::snapshot`] and
+//! [`RedisServer::restore`] put back an older AOF, the rewind a crash with
+//! `appendfsync everysec` can cause.
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -12,18 +17,59 @@ use std::time::Duration;
 
 use crate::process::Guarded;
 
+/// Whether and how the server persists its data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Persistence {
+    /// Nothing: a killed server comes back empty.
+    None,
+    /// An append-only file, flushed to disk as `appendfsync` says.
+    Aof(Fsync),
+}
+
+/// Redis `appendfsync` policies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fsync {
+    /// After every write, before the reply.
+    Always,
+    /// Once a second.
+    EverySec,
+}
+
+impl Fsync {
+    /// The option's value.
+    pub fn as_arg(self) -> &'static str {
+        match self {
+            Self::Always => "always",
+            Self::EverySec => "everysec",
+        }
+    }
+}
+
+/// A copy of the server's append-only file at one moment.
+#[derive(Debug)]
+pub struct AofSnapshot(tempfile::TempDir);
+
+/// Where Redis 7 keeps its multi-part AOF, inside `--dir`.
+const AOF_DIR: &str = "appendonlydir";
+
 /// A running `redis-server`; stopped on drop.
 #[derive(Debug)]
 pub struct RedisServer {
     dir: tempfile::TempDir,
     socket: PathBuf,
     binary: PathBuf,
+    persistence: Persistence,
     process: Option<Guarded>,
 }
 
 impl RedisServer {
-    /// Starts a fresh server and waits until it answers `PING`.
+    /// Starts a fresh server without persistence and waits until it answers `PING`.
     pub fn start() -> Self {
+        Self::start_with(Persistence::None)
+    }
+
+    /// Starts a fresh server persisting as `persistence` says.
+    pub fn start_with(persistence: Persistence) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("cc-redis")
             .tempdir()
@@ -32,10 +78,36 @@ impl RedisServer {
             socket: dir.path().join("redis.sock"),
             dir,
             binary: crate::find_binary("redis-server", &[], "redis-server"),
+            persistence,
             process: None,
         };
         server.restart();
         server
+    }
+
+    /// Copies the append-only file as it is on disk now.
+    pub fn snapshot(&self) -> AofSnapshot {
+        let copy = tempfile::tempdir().expect("temp dir");
+        copy_dir(&self.dir.path().join(AOF_DIR), copy.path());
+        AofSnapshot(copy)
+    }
+
+    /// Replaces the append-only file with `snapshot` (the server must be
+    /// killed first); the next [`RedisServer::restart`] loads it.
+    pub fn restore(&self, snapshot: &AofSnapshot) {
+        assert!(
+            self.process.is_none(),
+            "kill the server before restoring its AOF"
+        );
+        let aof = self.dir.path().join(AOF_DIR);
+        let _ = std::fs::remove_dir_all(&aof);
+        std::fs::create_dir_all(&aof).expect("create the AOF dir");
+        copy_dir(snapshot.0.path(), &aof);
+    }
+
+    /// The process id (0 when stopped).
+    pub fn pid(&self) -> u32 {
+        self.process.as_ref().map_or(0, Guarded::pid)
     }
 
     /// `unix://<dir>/redis.sock`, as `REDIS_URL` for the binaries and redis-rs.
@@ -48,14 +120,16 @@ impl RedisServer {
         &self.socket
     }
 
-    /// Kills the server with SIGKILL: every key is lost (no persistence).
+    /// Kills the server with SIGKILL: without persistence every key is lost;
+    /// with an AOF, what it had not flushed is.
     pub fn kill(&mut self) {
         if let Some(mut process) = self.process.take() {
             process.kill();
         }
     }
 
-    /// Starts the server again on the same socket (empty, unless it was never killed).
+    /// Starts the server again on the same socket: empty without
+    /// persistence, else from its AOF.
     pub fn restart(&mut self) {
         self.kill();
         let _ = std::fs::remove_file(&self.socket);
@@ -65,12 +139,19 @@ impl RedisServer {
             .arg("--unixsocket")
             .arg(&self.socket)
             .args(["--unixsocketperm", "700"])
-            .args(["--save", "", "--appendonly", "no"])
+            .args(["--save", ""])
             .arg("--dir")
             .arg(self.dir.path());
+        match self.persistence {
+            Persistence::None => command.args(["--appendonly", "no"]),
+            Persistence::Aof(fsync) => command
+                .args(["--appendonly", "yes", "--appendfsync", fsync.as_arg()])
+                .args(["--appenddirname", AOF_DIR]),
+        };
         let mut process = Guarded::spawn("redis-server", &mut command);
         let socket = self.socket.clone();
-        let ready = crate::wait_until(Duration::from_secs(10), || {
+        // Loading a large AOF takes a while; PING answers LOADING until done.
+        let ready = crate::wait_until(Duration::from_secs(60), || {
             process.has_exited() || ping(&socket)
         });
         assert!(
@@ -95,6 +176,13 @@ impl RedisServer {
         let mut buf = vec![0u8; 64 * 1024];
         let n = stream.read(&mut buf).expect("read redis");
         String::from_utf8_lossy(&buf[..n]).into_owned()
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    for entry in std::fs::read_dir(from).expect("read the AOF dir") {
+        let entry = entry.expect("AOF dir entry");
+        std::fs::copy(entry.path(), to.join(entry.file_name())).expect("copy an AOF file");
     }
 }
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use chatcluster_testkit::http::http_status_blocking;
 use chatcluster_testkit::proxy::{FaultProxy, LoseReply};
-use chatcluster_testkit::{Haproxy, Postgres, RedisServer};
+use chatcluster_testkit::{Fsync, Haproxy, Persistence, Postgres, RedisServer};
 
 #[test]
 fn redis_starts_restarts_and_loses_data_on_kill() {
@@ -18,6 +18,29 @@ fn redis_starts_restarts_and_loses_data_on_kill() {
     assert!(
         redis.command(&["GET", "k"]).starts_with("$-1"),
         "no persistence: data is gone"
+    );
+}
+
+#[test]
+fn redis_with_an_aof_comes_back_after_a_kill_and_an_old_aof_rewinds_it() {
+    let mut redis = RedisServer::start_with(Persistence::Aof(Fsync::Always));
+    assert!(redis.command(&["SET", "k", "1"]).starts_with("+OK"));
+    let old = redis.snapshot();
+    assert!(redis.command(&["SET", "k", "2"]).starts_with("+OK"));
+    let pid = redis.pid();
+    redis.kill();
+    redis.restart();
+    assert_ne!(redis.pid(), pid, "a new process");
+    assert!(
+        redis.command(&["GET", "k"]).contains("\r\n2\r\n"),
+        "fsynced: kept"
+    );
+    redis.kill();
+    redis.restore(&old);
+    redis.restart();
+    assert!(
+        redis.command(&["GET", "k"]).contains("\r\n1\r\n"),
+        "rewound"
     );
 }
 

@@ -22,7 +22,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use chatcluster_protocol::entry::StoredMessage;
-use chatcluster_protocol::{keys, scripts};
+use chatcluster_protocol::scripts;
+use chatcluster_protocol::stream::{AppendSettings, StreamId};
 use chatcluster_worker::config::parse_duration;
 use chatcluster_worker::{Config, WriteMode};
 use clap::Parser;
@@ -289,7 +290,7 @@ async fn max_offsets(pool: &PgPool, channels: &[String]) -> anyhow::Result<Vec<(
     .await?)
 }
 
-/// Publishes like the gateway: one `EVALSHA PUBLISH_MESSAGE` per message, pipelined.
+/// Publishes like the gateway: one `EVALSHA APPEND` per message, pipelined.
 struct Publisher {
     conn: MultiplexedConnection,
     script: redis::Script,
@@ -299,13 +300,21 @@ struct Publisher {
     next: usize,
 }
 
+/// How the bench appends: no TTL, no idempotency records, one block for the whole run.
+const APPEND: AppendSettings = AppendSettings {
+    history_size: 1000,
+    ttl_secs: 0,
+    record_ms: 1,
+    block: 1 << 40,
+};
+
 impl Publisher {
     async fn new(
         mut conn: MultiplexedConnection,
         shards: u32,
         body_bytes: usize,
     ) -> anyhow::Result<Self> {
-        let script = redis::Script::new(scripts::PUBLISH_MESSAGE);
+        let script = redis::Script::new(scripts::APPEND);
         let _: (String,) = redis::pipe()
             .load_script(&script)
             .query_async(&mut conn)
@@ -313,7 +322,7 @@ impl Publisher {
         Ok(Self {
             conn,
             script,
-            init: redis::Script::new(scripts::INIT_CHANNEL),
+            init: redis::Script::new(scripts::INIT_EPOCH),
             shards,
             body: "x".repeat(body_bytes),
             next: 0,
@@ -321,15 +330,11 @@ impl Publisher {
     }
 
     async fn init(&mut self, channel: &str) -> anyhow::Result<()> {
-        let _: (i64, String) = self
-            .init
-            .key(keys::meta_key(channel, self.shards))
-            .key(keys::history_key(channel, self.shards))
-            .arg(Uuid::new_v4().to_string())
-            .arg(0)
-            .arg(0)
-            .invoke_async(&mut self.conn)
-            .await?;
+        let epoch = Uuid::new_v4().simple().to_string()[..12].to_owned();
+        let call = StreamId::channel(channel).init_call(self.shards, &epoch, 0, APPEND.block, 0);
+        let mut invocation = self.init.prepare_invoke();
+        invocation.key(call.keys).arg(call.args);
+        let _: (i64, String, i64, i64) = invocation.invoke_async(&mut self.conn).await?;
         Ok(())
     }
 
@@ -352,15 +357,15 @@ impl Publisher {
                 ts: chrono::Utc::now().timestamp_millis(),
                 clock: self.next as u64,
             };
+            let call = StreamId::channel(channel).append_call(
+                self.shards,
+                message.encode(),
+                message.msg_id,
+                None,
+                &APPEND,
+            );
             let mut invocation = self.script.prepare_invoke();
-            invocation
-                .key(keys::meta_key(channel, self.shards))
-                .key(keys::history_key(channel, self.shards))
-                .key(keys::persist_key(keys::shard_of(channel, self.shards)))
-                .arg(message.encode())
-                .arg(1000)
-                .arg(0)
-                .arg(keys::channel_topic(channel));
+            invocation.key(call.keys).arg(call.args);
             invocations.push(invocation);
             targets.push(channel.clone());
         }
@@ -368,10 +373,10 @@ impl Publisher {
         for invocation in &invocations {
             pipe.invoke_script(invocation);
         }
-        let replies: Vec<(u64, String)> = pipe.query_async(&mut self.conn).await?;
+        let replies: Vec<(u64, String, String, u8, u64)> = pipe.query_async(&mut self.conn).await?;
         Ok(targets
             .into_iter()
-            .zip(replies.into_iter().map(|(offset, _)| offset))
+            .zip(replies.into_iter().map(|(offset, ..)| offset))
             .collect())
     }
 }

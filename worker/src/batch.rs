@@ -55,6 +55,19 @@ pub struct DirectRow {
     pub clock: i64,
 }
 
+/// A row of `inbox`: a direct message in one of its users' inboxes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InboxRow {
+    /// The inbox owner.
+    pub user: String,
+    /// The message's offset in that inbox.
+    pub offset: i64,
+    /// Message id.
+    pub msg_id: Uuid,
+    /// The other user of the conversation.
+    pub partner: String,
+}
+
 /// A row of `users` or `channels`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NameRow {
@@ -69,8 +82,8 @@ pub struct NameRow {
 pub enum Row {
     /// For `messages`.
     Message(MessageRow),
-    /// For `direct_messages`.
-    Direct(DirectRow),
+    /// For `direct_messages`, and `inbox` when the entry names its inbox.
+    Direct(DirectRow, Option<InboxRow>),
     /// For `users`.
     User(NameRow),
     /// For `channels`.
@@ -84,6 +97,8 @@ pub struct Rows {
     pub messages: Vec<MessageRow>,
     /// `direct_messages` rows.
     pub directs: Vec<DirectRow>,
+    /// `inbox` rows (and, from them, `conversations`).
+    pub inbox: Vec<InboxRow>,
     /// `users` rows.
     pub users: Vec<NameRow>,
     /// `channels` rows.
@@ -93,7 +108,11 @@ pub struct Rows {
 impl Rows {
     /// Number of rows.
     pub fn len(&self) -> usize {
-        self.messages.len() + self.directs.len() + self.users.len() + self.channels.len()
+        self.messages.len()
+            + self.directs.len()
+            + self.inbox.len()
+            + self.users.len()
+            + self.channels.len()
     }
 
     /// Whether there is nothing to write.
@@ -106,7 +125,10 @@ impl Rows {
         let mut rows = Self::default();
         match row {
             Row::Message(m) => rows.messages.push(m),
-            Row::Direct(d) => rows.directs.push(d),
+            Row::Direct(d, slot) => {
+                rows.directs.push(d);
+                rows.inbox.extend(slot);
+            }
             Row::User(u) => rows.users.push(u),
             Row::Channel(c) => rows.channels.push(c),
         }
@@ -178,14 +200,40 @@ pub fn decode(entry: &RawEntry) -> Result<Option<Row>, String> {
             sent_at_ms: checked_ts(message.ts)?,
             clock: checked_i64("clock", message.clock)?,
         }),
-        PersistEntry::Direct(direct) => Row::Direct(DirectRow {
-            msg_id: direct.msg_id,
-            from: checked_text("from", direct.from)?,
-            to: checked_text("to", direct.to)?,
-            body: checked_text("text", direct.text)?,
-            sent_at_ms: checked_ts(direct.ts)?,
-            clock: checked_i64("clock", direct.clock)?,
-        }),
+        PersistEntry::Direct { inbox, direct } => {
+            let slot = match inbox {
+                Some(slot) => {
+                    let partner = if slot.owner == direct.from {
+                        &direct.to
+                    } else if slot.owner == direct.to {
+                        &direct.from
+                    } else {
+                        return Err(format!(
+                            "inbox owner {:?} is neither sender nor recipient",
+                            slot.owner
+                        ));
+                    };
+                    Some(InboxRow {
+                        partner: checked_text("to", partner.clone())?,
+                        user: checked_text("inbox owner", slot.owner)?,
+                        offset: checked_i64("inbox offset", slot.offset)?,
+                        msg_id: direct.msg_id,
+                    })
+                }
+                None => None,
+            };
+            Row::Direct(
+                DirectRow {
+                    msg_id: direct.msg_id,
+                    from: checked_text("from", direct.from)?,
+                    to: checked_text("to", direct.to)?,
+                    body: checked_text("text", direct.text)?,
+                    sent_at_ms: checked_ts(direct.ts)?,
+                    clock: checked_i64("clock", direct.clock)?,
+                },
+                slot,
+            )
+        }
         PersistEntry::User { name, ts } => Row::User(NameRow {
             name: checked_text("name", name)?,
             created_ms: checked_ts(ts)?,
@@ -208,8 +256,12 @@ impl Batch {
         let mut batch = Self::default();
         let mut ids = HashSet::with_capacity(raw.len());
         let mut msg_ids = HashSet::with_capacity(raw.len());
-        let (mut dm_ids, mut users, mut channels) =
-            (HashSet::new(), HashSet::new(), HashSet::new());
+        let (mut dm_ids, mut slots, mut users, mut channels) = (
+            HashSet::new(),
+            HashSet::new(),
+            HashSet::new(),
+            HashSet::new(),
+        );
         for entry in raw {
             if !ids.insert(entry.key()) {
                 continue;
@@ -240,12 +292,17 @@ impl Batch {
                         batch.rows.messages.push(m);
                     }
                 }
-                Ok(Some(Row::Direct(d))) => {
+                Ok(Some(Row::Direct(d, slot))) => {
                     batch.oldest_ms = Some(
                         batch
                             .oldest_ms
                             .map_or(d.sent_at_ms, |o| o.min(d.sent_at_ms)),
                     );
+                    if let Some(slot) = slot
+                        && slots.insert((slot.user.clone(), slot.msg_id))
+                    {
+                        batch.rows.inbox.push(slot);
+                    }
                     if dm_ids.insert(d.msg_id) {
                         batch.rows.directs.push(d);
                     }
@@ -320,14 +377,29 @@ mod tests {
 
     #[test]
     fn decodes_every_kind_and_dedupes() {
-        let dm = PersistEntry::Direct(StoredDirect {
+        let direct = StoredDirect {
             msg_id: Uuid::from_u128(99),
             from: "a".into(),
             to: "b".into(),
             text: "oi".into(),
             ts: 5,
             clock: 1,
-        });
+        };
+        let in_inbox = |owner: &str, offset| PersistEntry::Direct {
+            inbox: Some(chatcluster_protocol::entry::InboxSlot {
+                owner: owner.into(),
+                offset,
+            }),
+            direct: direct.clone(),
+        };
+        let (dm, dm_b, dm_a) = (
+            PersistEntry::Direct {
+                inbox: None,
+                direct: direct.clone(),
+            },
+            in_inbox("b", 7),
+            in_inbox("a", 3),
+        );
         let batch = Batch::build(
             vec![
                 raw(0, "1-0", &message(1, 1, "x")),
@@ -335,6 +407,9 @@ mod tests {
                 raw(1, "1-0", &message(1, 1, "x")),
                 raw(0, "2-0", &message(2, 2, "y")),
                 raw(2, "1-0", &dm),
+                raw(2, "2-0", &dm_b),
+                raw(1, "2-0", &dm_a),
+                raw(1, "3-0", &dm_a),
                 raw(
                     3,
                     "1-0",
@@ -368,13 +443,20 @@ mod tests {
             ],
             5,
         );
-        assert_eq!(batch.len(), 8, "the same shard+id is one entry");
+        assert_eq!(batch.len(), 11, "the same shard+id is one entry");
         assert_eq!(
             batch.rows.messages.len(),
             2,
             "a message redelivered through another id is one row"
         );
-        assert_eq!(batch.rows.directs.len(), 1);
+        assert_eq!(batch.rows.directs.len(), 1, "one message, in two inboxes");
+        let inbox: Vec<_> = batch
+            .rows
+            .inbox
+            .iter()
+            .map(|r| (r.user.as_str(), r.offset, r.partner.as_str()))
+            .collect();
+        assert_eq!(inbox, [("b", 7, "a"), ("a", 3, "b")], "each inbox once");
         assert_eq!(
             batch.rows.users,
             [NameRow {

@@ -143,10 +143,15 @@ impl Letter {
                 "message {} at {}#{offset} by {}",
                 message.msg_id, message.channel, message.user
             ),
-            Ok(PersistEntry::Direct(direct)) => format!(
-                "direct message {} from {} to {}",
-                direct.msg_id, direct.from, direct.to
-            ),
+            Ok(PersistEntry::Direct { inbox, direct }) => {
+                let place = inbox
+                    .map(|slot| format!(" at inbox {}#{}", slot.owner, slot.offset))
+                    .unwrap_or_default();
+                format!(
+                    "direct message {} from {} to {}{place}",
+                    direct.msg_id, direct.from, direct.to
+                )
+            }
             Ok(PersistEntry::User { name, .. }) => format!("user {name}"),
             Ok(PersistEntry::Channel { name, .. }) => format!("channel {name}"),
             Err(_) => {

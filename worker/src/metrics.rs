@@ -172,6 +172,7 @@ impl Metrics {
         for (table, n) in [
             ("messages", written.messages),
             ("direct_messages", written.directs),
+            ("inbox", written.inbox),
             ("users", written.users),
             ("channels", written.channels),
         ] {

@@ -2,16 +2,23 @@
 //!
 //! One batch is one transaction, and writing it twice adds no row: a message or
 //! direct message whose `msg_id` is already stored is skipped
-//! (`ON CONFLICT (msg_id) DO NOTHING`), as are users and channels already
-//! registered. At-least-once from the stream, exactly-once in the tables.
+//! (`ON CONFLICT (msg_id) DO NOTHING`), as are inbox rows already there
+//! (`(user_name, msg_id)`) and users and channels already registered.
+//! At-least-once from the stream, exactly-once in the tables.
+//!
+//! A direct message arrives twice by design (once per inbox it enters, often
+//! in different batches), so `direct_messages` is always written with
+//! `ON CONFLICT (msg_id) DO NOTHING`; `conversations` keeps the newest message
+//! per user and partner (an upsert that only moves forward).
 //!
 //! The conflict target is the message id only: a *different* message at a
-//! `(channel, channel_offset)` already taken (offsets reused after Redis lost
-//! state) still fails the insert on the primary key, and the worker moves it
-//! to the dead letters ([`clash`]) instead of dropping it without a word.
+//! `(channel, channel_offset)` — or `(user_name, inbox_offset)` — already taken
+//! (an offset reused) still fails the insert on the primary key, and the
+//! worker moves it to the dead letters ([`clash`]) instead of dropping it
+//! without a word.
 //!
 //! `ON CONFLICT` costs about 40 % of an insert's time, and redelivery is rare
-//! (a crash between commit and `XACK`). So messages and direct messages are
+//! (a crash between commit and `XACK`). So messages and inbox rows are
 //! first written without it, optimistically; if that transaction fails on a
 //! unique violation it is rolled back whole and written again [`Insert::Idempotent`].
 //! Users and channels (few rows, often re-registered) always use `ON CONFLICT`.
@@ -25,7 +32,7 @@ use std::time::Duration;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{Executor, PgConnection};
 
-use crate::batch::{DirectRow, MessageRow, NameRow, Rows};
+use crate::batch::{DirectRow, InboxRow, MessageRow, NameRow, Rows};
 use crate::config::WriteMode;
 use crate::error::{Error, Result};
 
@@ -61,12 +68,6 @@ SELECT channel, channel_offset, msg_id, user_name, body, sent_at, clock
 FROM stage_messages
 ON CONFLICT (msg_id) DO NOTHING";
 
-const DIRECTS_UNNEST: &str = "\
-INSERT INTO direct_messages (msg_id, from_user, to_user, body, sent_at, clock)
-SELECT m, f, t, b, timestamptz 'epoch' + s * interval '1 millisecond', k
-FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int8[], $6::int8[])
-     AS r(m, f, t, b, s, k)";
-
 const DIRECTS_UNNEST_IDEMPOTENT: &str = "\
 INSERT INTO direct_messages (msg_id, from_user, to_user, body, sent_at, clock)
 SELECT m, f, t, b, timestamptz 'epoch' + s * interval '1 millisecond', k
@@ -74,14 +75,28 @@ FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int8[], $6::int8
      AS r(m, f, t, b, s, k)
 ON CONFLICT (msg_id) DO NOTHING";
 
-const DIRECTS_COPY: &str = "\
-COPY direct_messages (msg_id, from_user, to_user, body, sent_at, clock) FROM STDIN";
-
 const DIRECTS_FROM_STAGE: &str = "\
 INSERT INTO direct_messages (msg_id, from_user, to_user, body, sent_at, clock)
 SELECT msg_id, from_user, to_user, body, sent_at, clock
 FROM stage_directs
 ON CONFLICT (msg_id) DO NOTHING";
+
+const INBOX_UNNEST: &str = "\
+INSERT INTO inbox (user_name, inbox_offset, msg_id, partner)
+SELECT u, o, m, p FROM UNNEST($1::text[], $2::int8[], $3::uuid[], $4::text[]) AS r(u, o, m, p)";
+
+const INBOX_UNNEST_IDEMPOTENT: &str = "\
+INSERT INTO inbox (user_name, inbox_offset, msg_id, partner)
+SELECT u, o, m, p FROM UNNEST($1::text[], $2::int8[], $3::uuid[], $4::text[]) AS r(u, o, m, p)
+ON CONFLICT (user_name, msg_id) DO NOTHING";
+
+/// The newest message per user and partner; never moves back.
+const CONVERSATIONS_UPSERT: &str = "\
+INSERT INTO conversations (user_name, partner, last_offset, msg_id)
+SELECT u, p, o, m FROM UNNEST($1::text[], $2::text[], $3::int8[], $4::uuid[]) AS r(u, p, o, m)
+ON CONFLICT (user_name, partner) DO UPDATE
+SET last_offset = EXCLUDED.last_offset, msg_id = EXCLUDED.msg_id
+WHERE conversations.last_offset < EXCLUDED.last_offset";
 
 const USERS_UNNEST: &str = "\
 INSERT INTO users (name, created_at)
@@ -107,6 +122,8 @@ pub enum Insert {
 
 /// The primary key of `messages`: `(channel, channel_offset)`.
 const MESSAGES_PKEY: &str = "messages_pkey";
+/// The primary key of `inbox`: `(user_name, inbox_offset)`.
+const INBOX_PKEY: &str = "inbox_pkey";
 
 /// Rows inserted by one transaction, per table (rows already present are not counted).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -115,6 +132,8 @@ pub struct Written {
     pub messages: u64,
     /// New `direct_messages` rows.
     pub directs: u64,
+    /// New `inbox` rows.
+    pub inbox: u64,
     /// New `users` rows.
     pub users: u64,
     /// New `channels` rows.
@@ -178,6 +197,17 @@ impl Store {
         }
     }
 
+    /// The id of the direct message stored at `offset` of `user`'s inbox, if any.
+    pub async fn inbox_at(&self, user: &str, offset: i64) -> Result<Option<uuid::Uuid>> {
+        Ok(sqlx::query_scalar(
+            "SELECT msg_id FROM inbox WHERE user_name = $1 AND inbox_offset = $2",
+        )
+        .bind(user)
+        .bind(offset)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
     /// The id of the message stored at `offset` of `channel`, if any.
     pub async fn message_at(&self, channel: &str, offset: i64) -> Result<Option<uuid::Uuid>> {
         Ok(sqlx::query_scalar(
@@ -212,21 +242,24 @@ impl Store {
             };
         }
         if !rows.directs.is_empty() {
-            written.directs = match (self.mode, insert) {
-                (WriteMode::Unnest, Insert::Optimistic) => {
-                    insert_directs(&mut tx, DIRECTS_UNNEST, &rows.directs).await?
-                }
-                (WriteMode::Unnest, Insert::Idempotent) => {
+            // Each direct message comes once per inbox: always idempotent.
+            written.directs = match self.mode {
+                WriteMode::Unnest => {
                     insert_directs(&mut tx, DIRECTS_UNNEST_IDEMPOTENT, &rows.directs).await?
                 }
-                (WriteMode::Copy, Insert::Optimistic) => {
-                    copy_directs(&mut tx, DIRECTS_COPY, &rows.directs).await?
-                }
-                (WriteMode::Copy, Insert::Idempotent) => {
+                WriteMode::Copy => {
                     copy_directs(&mut tx, "COPY stage_directs FROM STDIN", &rows.directs).await?;
                     tx.execute(DIRECTS_FROM_STAGE).await?.rows_affected()
                 }
             };
+        }
+        if !rows.inbox.is_empty() {
+            let sql = match insert {
+                Insert::Optimistic => INBOX_UNNEST,
+                Insert::Idempotent => INBOX_UNNEST_IDEMPOTENT,
+            };
+            written.inbox = insert_inbox(&mut tx, sql, &rows.inbox).await?;
+            upsert_conversations(&mut tx, &rows.inbox).await?;
         }
         if !rows.users.is_empty() {
             written.users = insert_names(&mut tx, USERS_UNNEST, &rows.users).await?;
@@ -245,10 +278,12 @@ pub fn is_unique_violation(error: &sqlx::Error) -> bool {
 }
 
 /// Whether a write failed because a message's `(channel, channel_offset)`
-/// already holds a message with another id: an offset used twice.
+/// (or a direct message's `(user_name, inbox_offset)`) already holds a
+/// message with another id: an offset used twice.
 pub fn clash(error: &sqlx::Error) -> bool {
     matches!(error, sqlx::Error::Database(db)
-        if db.code().as_deref() == Some("23505") && db.constraint() == Some(MESSAGES_PKEY))
+        if db.code().as_deref() == Some("23505")
+            && matches!(db.constraint(), Some(MESSAGES_PKEY | INBOX_PKEY)))
 }
 
 /// Whether a failed write will fail the same way on every retry, because of
@@ -316,6 +351,56 @@ async fn insert_directs(
         .execute(conn)
         .await?;
     Ok(done.rows_affected())
+}
+
+async fn insert_inbox(
+    conn: &mut PgConnection,
+    sql: &'static str,
+    rows: &[InboxRow],
+) -> Result<u64, sqlx::Error> {
+    let done = sqlx::query(sql)
+        .bind(rows.iter().map(|r| r.user.as_str()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.offset).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.msg_id).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.partner.as_str()).collect::<Vec<_>>())
+        .execute(conn)
+        .await?;
+    Ok(done.rows_affected())
+}
+
+/// The newest inbox row per user and partner, in key order (so concurrent
+/// transactions lock conversation rows in the same order).
+fn newest_per_conversation(rows: &[InboxRow]) -> Vec<&InboxRow> {
+    let mut newest: std::collections::BTreeMap<(&str, &str), &InboxRow> = Default::default();
+    for row in rows {
+        let slot = newest
+            .entry((row.user.as_str(), row.partner.as_str()))
+            .or_insert(row);
+        if slot.offset < row.offset {
+            *slot = row;
+        }
+    }
+    newest.into_values().collect()
+}
+
+async fn upsert_conversations(
+    conn: &mut PgConnection,
+    rows: &[InboxRow],
+) -> Result<(), sqlx::Error> {
+    let newest = newest_per_conversation(rows);
+    sqlx::query(CONVERSATIONS_UPSERT)
+        .bind(newest.iter().map(|r| r.user.as_str()).collect::<Vec<_>>())
+        .bind(
+            newest
+                .iter()
+                .map(|r| r.partner.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(newest.iter().map(|r| r.offset).collect::<Vec<_>>())
+        .bind(newest.iter().map(|r| r.msg_id).collect::<Vec<_>>())
+        .execute(conn)
+        .await?;
+    Ok(())
 }
 
 async fn insert_names(
@@ -426,6 +511,34 @@ mod tests {
         assert_eq!(
             out,
             b"2026-11-18 11:06:40.123+00\t00000000-0000-0000-0000-000000000001\t"
+        );
+    }
+
+    #[test]
+    fn one_conversation_row_per_user_and_partner_with_the_newest_message() {
+        let row = |user: &str, partner: &str, offset| InboxRow {
+            user: user.into(),
+            offset,
+            msg_id: uuid::Uuid::from_u128(offset as u128),
+            partner: partner.into(),
+        };
+        let rows = [
+            row("bob", "alice", 4),
+            row("alice", "bob", 9),
+            row("bob", "alice", 7),
+            row("bob", "carol", 5),
+        ];
+        let newest: Vec<_> = newest_per_conversation(&rows)
+            .iter()
+            .map(|r| (r.user.as_str(), r.partner.as_str(), r.offset))
+            .collect();
+        assert_eq!(
+            newest,
+            [
+                ("alice", "bob", 9),
+                ("bob", "alice", 7),
+                ("bob", "carol", 5)
+            ]
         );
     }
 

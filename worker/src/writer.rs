@@ -15,7 +15,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::Health;
-use crate::batch::{self, Batch, DeadLetter, MessageRow, Row, Rows};
+use crate::batch::{self, Batch, DeadLetter, Row, Rows};
 use crate::config::Hooks;
 use crate::dead_letters::Cause;
 use crate::metrics::Metrics;
@@ -141,7 +141,10 @@ impl Writer {
                 continue;
             };
             let clashing = match &row {
-                Row::Message(message) => Some(message.clone()),
+                Row::Message(m) => Some(Place::Channel(m.channel.clone(), m.offset, m.msg_id)),
+                Row::Direct(_, Some(slot)) => {
+                    Some(Place::Inbox(slot.user.clone(), slot.offset, slot.msg_id))
+                }
                 _ => None,
             };
             let error = match self.write(&Rows::single(row)).await? {
@@ -152,7 +155,7 @@ impl Writer {
                 Err(error) => error,
             };
             let dead = match clashing {
-                Some(message) if store::clash(&error) => self.offset_clash(index, &message).await,
+                Some(place) if store::clash(&error) => self.offset_clash(index, &place).await,
                 _ => DeadLetter {
                     entry: index,
                     cause: Cause::Rejected,
@@ -165,28 +168,46 @@ impl Writer {
     }
 
     /// The dead letter of a message whose offset already holds another message.
-    async fn offset_clash(&self, entry: usize, message: &MessageRow) -> DeadLetter {
-        let stored = self
-            .store
-            .message_at(&message.channel, message.offset)
-            .await
+    async fn offset_clash(&self, entry: usize, place: &Place) -> DeadLetter {
+        let (stored, name, offset, msg_id) = match place {
+            Place::Channel(channel, offset, msg_id) => (
+                self.store.message_at(channel, *offset).await,
+                channel.clone(),
+                *offset,
+                *msg_id,
+            ),
+            Place::Inbox(user, offset, msg_id) => (
+                self.store.inbox_at(user, *offset).await,
+                format!("inbox:{user}"),
+                *offset,
+                *msg_id,
+            ),
+        };
+        let stored = stored
             .ok()
-            .flatten();
-        let stored = stored.map_or_else(|| "another message".to_owned(), |id| id.to_string());
+            .flatten()
+            .map_or_else(|| "another message".to_owned(), |id| id.to_string());
         tracing::error!(
-            channel = %message.channel,
-            offset = message.offset,
-            msg_id = %message.msg_id,
+            stream = %name,
+            offset,
+            msg_id = %msg_id,
             stored = %stored,
-            "offset clash: the channel offset already holds another message; moving this one to the dead letters"
+            "offset clash: the offset already holds another message; moving this one to the dead letters"
         );
         DeadLetter {
             entry,
             cause: Cause::OffsetClash,
             reason: format!(
-                "offset clash: {}#{} already holds {stored}; message {} was not stored",
-                message.channel, message.offset, message.msg_id
+                "offset clash: {name}#{offset} already holds {stored}; message {msg_id} was not stored"
             ),
         }
     }
+}
+
+/// Where a message that can clash sits: a channel offset or an inbox offset.
+enum Place {
+    /// Channel, offset, message id.
+    Channel(String, i64, uuid::Uuid),
+    /// Inbox owner, inbox offset, message id.
+    Inbox(String, i64, uuid::Uuid),
 }

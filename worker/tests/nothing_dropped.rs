@@ -411,3 +411,83 @@ async fn dead_letters_are_listed_and_replayed_once_their_cause_is_fixed() {
     );
     worker.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_messages_delivered_again_are_stored_once_and_a_reused_inbox_offset_is_dead_lettered()
+ {
+    let stack = Stack::start().await;
+    let mut redis = stack.redis().await;
+    let worker = InProcess::start(stack.config("w1")).await;
+    wait_ready(worker.addr).await;
+    let (first, first_at) = direct(&mut redis, "alice", "bob", "oi").await;
+    let (second, second_at) = direct(&mut redis, "alice", "bob", "tudo bem?").await;
+    assert_eq!((first_at, second_at), (vec![1, 1], vec![2, 2]));
+    let pool = stack.pool().await;
+    wait_drained(&mut redis, T).await;
+
+    // Bob's copy of the first message again (a redelivery: not a clash), and
+    // another message at bob's inbox offset 2 (an offset used twice: a clash).
+    let in_bobs = |msg_id, offset, text: &str| PersistEntry::Direct {
+        inbox: Some(chatcluster_protocol::entry::InboxSlot {
+            owner: "bob".into(),
+            offset,
+        }),
+        direct: chatcluster_protocol::entry::StoredDirect {
+            msg_id,
+            from: "alice".into(),
+            to: "bob".into(),
+            text: text.into(),
+            ts: 1,
+            clock: 1,
+        },
+    };
+    let shard = keys::shard_of("bob", SHARDS);
+    xadd(&mut redis, shard, &in_bobs(first, 1, "oi").fields()).await;
+    let clashing = Uuid::new_v4();
+    xadd(
+        &mut redis,
+        shard,
+        &in_bobs(clashing, 2, "impostor").fields(),
+    )
+    .await;
+    wait_drained(&mut redis, T).await;
+
+    assert_eq!(count(&pool, "direct_messages").await, 2);
+    let inbox: Vec<(String, i64, Uuid)> =
+        sqlx::query_as("SELECT user_name, inbox_offset, msg_id FROM inbox ORDER BY 1, 2")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        inbox,
+        [
+            ("alice".to_owned(), 1, first),
+            ("alice".to_owned(), 2, second),
+            ("bob".to_owned(), 1, first),
+            ("bob".to_owned(), 2, second),
+        ]
+    );
+    let newest: Vec<(String, i64, Uuid)> =
+        sqlx::query_as("SELECT user_name, last_offset, msg_id FROM conversations ORDER BY 1")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        newest,
+        [
+            ("alice".to_owned(), 2, second),
+            ("bob".to_owned(), 2, second)
+        ],
+        "the redelivered older message does not move a conversation back"
+    );
+    let dead = dead_letters(&mut redis, shard).await;
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(field(&dead[0], "cause"), "offset_clash");
+    let reason = field(&dead[0], "reason");
+    assert!(
+        reason.contains("inbox:bob#2")
+            && reason.contains(&second.to_string())
+            && reason.contains(&clashing.to_string()),
+        "{reason}"
+    );
+}

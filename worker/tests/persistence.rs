@@ -37,7 +37,9 @@ async fn persists_messages_directs_users_and_channels_once() {
     let mut ids = publish(&mut redis, "geral", 250).await;
     init_channel(&mut redis, "other", 0).await;
     ids.extend(publish(&mut redis, "other", 50).await);
-    let dm = direct(&mut redis, "alice", "bob", "oi").await;
+    let (dm, inbox) = direct(&mut redis, "alice", "bob", "oi").await;
+    let (note, _) = direct(&mut redis, "alice", "alice", "note to self").await;
+    assert_eq!(inbox, [1, 1], "first message of both inboxes");
     assert_eq!(ids[249].offset, 250, "the script returns dense offsets");
 
     let pool = stack.pool().await;
@@ -45,7 +47,8 @@ async fn persists_messages_directs_users_and_channels_once() {
     wait_for(T, "users, channels, DM", || async {
         count(&pool, "users").await == 1
             && count(&pool, "channels").await == 2
-            && count(&pool, "direct_messages").await == 1
+            && count(&pool, "direct_messages").await == 2
+            && count(&pool, "inbox").await == 3
     })
     .await;
     wait_drained(&mut redis, T).await;
@@ -71,6 +74,35 @@ async fn persists_messages_directs_users_and_channels_once() {
         .await
         .unwrap();
     assert_eq!(to, "bob");
+    // The message is in both inboxes, once, and is each one's conversation.
+    let inboxes: Vec<(String, i64, String)> = sqlx::query_as(
+        "SELECT user_name, inbox_offset, partner FROM inbox ORDER BY user_name, inbox_offset",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        inboxes,
+        [
+            ("alice".to_owned(), 1, "bob".to_owned()),
+            ("alice".to_owned(), 2, "alice".to_owned()),
+            ("bob".to_owned(), 1, "alice".to_owned()),
+        ]
+    );
+    let conversations: Vec<(String, String, i64, Uuid)> = sqlx::query_as(
+        "SELECT user_name, partner, last_offset, msg_id FROM conversations ORDER BY user_name, partner",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        conversations,
+        [
+            ("alice".to_owned(), "alice".to_owned(), 2, note),
+            ("alice".to_owned(), "bob".to_owned(), 1, dm),
+            ("bob".to_owned(), "alice".to_owned(), 1, dm),
+        ]
+    );
     // The gateway's history query and offset floor.
     let page: Vec<(i64, Uuid)> = sqlx::query_as(
         "SELECT channel_offset, msg_id FROM messages WHERE channel = $1 AND channel_offset < $2 ORDER BY channel_offset DESC LIMIT $3",
@@ -109,7 +141,8 @@ async fn persists_messages_directs_users_and_channels_once() {
 
     assert_eq!(
         metric(worker.addr, "chatcluster_worker_rows_written_total").await,
-        304.0
+        308.0,
+        "300 messages, 2 direct messages in 3 inbox rows, 1 user, 2 channels"
     );
     assert!(metric(worker.addr, "chatcluster_worker_batches_total").await >= 3.0);
     wait_for(T, "lag gauge 0", || async {

@@ -1,10 +1,13 @@
-//! A dispatcher task: owns the sequencers and direct-message routes of the
-//! topics that hash to it, and carries out their effects.
+//! A dispatcher task: owns the sequencers of the topics that hash to it (a
+//! channel's, or a user's inbox of direct messages), and carries out their
+//! effects.
 //!
 //! Everything a sequencer does happens on this one task, in the order the
 //! events arrive, so sequencers need no locks. Redis work (subscribing a topic,
 //! reading history) runs in spawned tasks whose answers come back as events:
-//! a channel waiting for a read never holds up another channel.
+//! a stream waiting for a read never holds up another one. For an inbox, the
+//! newest offset pushed to one of the user's connections is written back to
+//! Redis (`seen`), so a later login without a position gets what came after.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -18,15 +21,15 @@ use chatcluster_protocol::LamportClock;
 use chatcluster_protocol::entry::TopicEvent;
 use chatcluster_protocol::frame::ServerFrame;
 use chatcluster_protocol::keys;
+use chatcluster_protocol::stream::{StreamId, StreamKind};
 
+use crate::blocks::Blocks;
 use crate::delivery::fetch;
 use crate::delivery::sequencer::{
     Effect, Fetched, Input, JoinRequest, PresenceMember, Sequencer, Tally,
 };
-use crate::delivery::users::{Online, UserRoute};
-use crate::history::History;
 use crate::metrics::Metrics;
-use crate::outbox::{ConnId, Outbox, SharedFrame};
+use crate::outbox::{ConnId, SharedFrame};
 use crate::pubsub::PubSub;
 use crate::store::Store;
 
@@ -45,58 +48,43 @@ pub enum Event {
         /// The raw topic payload.
         payload: Bytes,
     },
-    /// Messages of these channel topics (or of all, when `all`) may have been
+    /// Messages of these topics (or of all, when `all`) may have been
     /// missed: catch up from history.
     Resync {
         /// Topics that overflowed the intake.
         topics: Vec<Bytes>,
-        /// The pub/sub connection was lost: every channel catches up.
+        /// The pub/sub connection was lost: every stream catches up.
         all: bool,
     },
-    /// A connection subscribes to a channel.
+    /// A connection subscribes to a channel, or a logged-in connection joins
+    /// its user's inbox.
     Join {
-        /// The channel.
-        channel: Arc<str>,
+        /// The channel or inbox.
+        stream: StreamId,
         /// The request.
         request: JoinRequest,
     },
-    /// A connection leaves a channel.
+    /// A connection leaves a channel or its user's inbox.
     Leave {
-        /// The channel.
-        channel: Arc<str>,
-        /// The connection.
-        conn: ConnId,
-    },
-    /// A logged-in connection receives its user's direct messages.
-    Online {
-        /// The user.
-        user: Arc<str>,
-        /// The connection.
-        outbox: Outbox,
-        /// Answered once the user's topic is subscribed.
-        online: Online,
-    },
-    /// A connection stops receiving its user's direct messages.
-    Offline {
-        /// The user.
-        user: Arc<str>,
+        /// The channel or inbox.
+        stream: StreamId,
         /// The connection.
         conn: ConnId,
     },
     /// A topic subscription's outcome.
     Subscribed {
-        /// The topic.
-        topic: Bytes,
-        /// Which life of the topic's sequencer or route asked.
+        /// The stream.
+        stream: StreamId,
+        /// Which life of the stream's sequencer asked.
         generation: u64,
         /// The outcome.
         result: Result<(), String>,
     },
     /// A sequencer's read came back.
     Fetched {
-        /// The channel.
-        channel: Arc<str>,
-        /// Which life of the channel's sequencer asked.
+        /// The stream.
+        stream: StreamId,
+        /// Which life of the stream's sequencer asked.
         generation: u64,
         /// The read's id.
         id: u64,
@@ -114,8 +102,8 @@ pub enum Event {
 pub struct Context {
     /// Redis requests.
     pub store: Store,
-    /// PostgreSQL reads (for a new epoch's floor).
-    pub history: History,
+    /// Offset blocks (for a new epoch's floor).
+    pub blocks: Blocks,
     /// The subscriber connection.
     pub pubsub: PubSub,
     /// The process's Lamport clock.
@@ -128,14 +116,11 @@ pub struct Context {
     pub linger: Duration,
 }
 
-struct Channel {
+struct Sequenced {
     sequencer: Sequencer,
     generation: u64,
-}
-
-struct User {
-    route: UserRoute,
-    generation: u64,
+    /// The inbox offset last written back as `seen` (inboxes only).
+    seen: Option<(Arc<str>, u64)>,
 }
 
 /// One dispatcher task's state.
@@ -145,25 +130,21 @@ pub struct Dispatcher {
     /// stops once every [`crate::delivery::Delivery`] handle is gone).
     tx: mpsc::WeakSender<Event>,
     ctx: Arc<Context>,
-    channels: HashMap<Arc<str>, Channel>,
-    users: HashMap<Arc<str>, User>,
+    streams: HashMap<StreamId, Sequenced>,
     effects: Vec<Effect>,
     tally: Tally,
     next_generation: u64,
 }
 
-/// Which kind of topic a topic name is.
-enum Topic<'a> {
-    Channel(&'a str),
-    User(&'a str),
-}
-
-fn parse_topic(topic: &[u8]) -> Option<Topic<'_>> {
+/// The stream a topic name carries.
+fn parse_topic(topic: &[u8]) -> Option<StreamId> {
     let topic = std::str::from_utf8(topic).ok()?;
     if let Some(channel) = topic.strip_prefix(keys::CHANNEL_TOPIC_PREFIX) {
-        Some(Topic::Channel(channel))
+        Some(StreamId::channel(channel))
     } else {
-        topic.strip_prefix(keys::USER_TOPIC_PREFIX).map(Topic::User)
+        topic
+            .strip_prefix(keys::USER_TOPIC_PREFIX)
+            .map(StreamId::inbox)
     }
 }
 
@@ -174,8 +155,7 @@ impl Dispatcher {
             rx,
             tx,
             ctx,
-            channels: HashMap::new(),
-            users: HashMap::new(),
+            streams: HashMap::new(),
             effects: Vec::new(),
             tally: Tally::default(),
             next_generation: 1,
@@ -227,73 +207,57 @@ impl Dispatcher {
         match event {
             Event::Topic { topic, payload } => self.topic(&topic, &payload, now),
             Event::Resync { topics, all } => {
-                let channels: Vec<Arc<str>> = if all {
-                    self.channels.keys().cloned().collect()
+                let streams: Vec<StreamId> = if all {
+                    self.streams.keys().cloned().collect()
                 } else {
-                    topics
-                        .iter()
-                        .filter_map(|t| match parse_topic(t) {
-                            Some(Topic::Channel(channel)) => Some(Arc::from(channel)),
-                            _ => None,
-                        })
-                        .collect()
+                    topics.iter().filter_map(|t| parse_topic(t)).collect()
                 };
-                for channel in channels {
-                    self.send_channel(&channel, Input::Resync, now);
+                for stream in streams {
+                    self.send(&stream, Input::Resync, now);
                 }
             }
-            Event::Join { channel, request } => {
-                if !self.channels.contains_key(&channel) {
+            Event::Join { stream, request } => {
+                if !self.streams.contains_key(&stream) {
                     let generation = self.generation();
                     let sequencer =
-                        Sequencer::new(channel.clone(), self.ctx.keep_limit, &mut self.effects);
-                    self.channels.insert(
-                        channel.clone(),
-                        Channel {
-                            sequencer,
-                            generation,
-                        },
-                    );
+                        Sequencer::new(stream.clone(), self.ctx.keep_limit, &mut self.effects);
+                    let entry = Sequenced {
+                        sequencer,
+                        generation,
+                        seen: None,
+                    };
+                    self.streams.insert(stream.clone(), entry);
                 }
-                self.send_channel(&channel, Input::Join(request), now);
+                self.send(&stream, Input::Join(request), now);
             }
-            Event::Leave { channel, conn } => self.send_channel(&channel, Input::Leave(conn), now),
-            Event::Online {
-                user,
-                outbox,
-                online,
-            } => self.online(user, outbox, online),
-            Event::Offline { user, conn } => {
-                if let Some(entry) = self.users.get_mut(&user) {
-                    entry.route.remove(conn, now);
-                }
-            }
+            Event::Leave { stream, conn } => self.send(&stream, Input::Leave(conn), now),
             Event::Subscribed {
-                topic,
+                stream,
                 generation,
                 result,
-            } => self.subscribed(&topic, generation, result, now),
+            } => self.subscribed(&stream, generation, result, now),
             Event::Fetched {
-                channel,
+                stream,
                 generation,
                 id,
                 result,
             } => {
                 if self
-                    .channels
-                    .get(&channel)
+                    .streams
+                    .get(&stream)
                     .is_some_and(|c| c.generation == generation)
                 {
-                    self.send_channel(&channel, Input::Fetched(id, result), now);
+                    self.send(&stream, Input::Fetched(id, result), now);
                 }
             }
             Event::Members(reply) => {
                 let members = self
-                    .channels
+                    .streams
                     .iter()
-                    .map(|(name, c)| {
+                    .filter(|(stream, _)| stream.kind == StreamKind::Channel)
+                    .map(|(stream, c)| {
                         (
-                            name.clone(),
+                            stream.name.clone(),
                             c.sequencer.presence_members().cloned().collect(),
                         )
                     })
@@ -301,7 +265,13 @@ impl Dispatcher {
                 let _ = reply.send(members);
             }
             Event::Users(reply) => {
-                let _ = reply.send(self.users.keys().cloned().collect());
+                let users = self
+                    .streams
+                    .keys()
+                    .filter(|stream| stream.kind == StreamKind::Inbox)
+                    .map(|stream| stream.name.clone())
+                    .collect();
+                let _ = reply.send(users);
             }
         }
     }
@@ -320,68 +290,73 @@ impl Dispatcher {
                 return;
             }
         };
-        match (parse_topic(topic), event) {
+        let Some(stream) = parse_topic(topic) else {
+            tracing::warn!(topic = %String::from_utf8_lossy(topic), "message on a foreign topic dropped");
+            return;
+        };
+        let input = match (stream.kind, event) {
             (
-                Some(Topic::Channel(channel)),
+                StreamKind::Channel,
                 TopicEvent::Message {
                     offset,
                     epoch,
                     message,
                 },
-            ) if message.channel == channel => {
+            ) if *message.channel == *stream.name => {
                 self.ctx.clock.observe(message.clock);
-                let Some(entry) = self.channels.get_mut(channel) else {
-                    return;
-                };
                 let frame =
                     SharedFrame::new(ServerFrame::Message(message.into_channel_message(offset)));
-                let input = Input::Live {
+                Input::Live {
                     offset,
                     epoch: epoch.into(),
                     frame,
-                };
-                entry.sequencer.handle(input, now, &mut self.effects);
-                let channel: Arc<str> = entry.sequencer.channel().clone();
-                self.after(&channel);
+                }
             }
-            (Some(Topic::Channel(channel)), TopicEvent::Presence(event))
-                if event.channel == channel =>
+            (
+                StreamKind::Inbox,
+                TopicEvent::Inbox {
+                    offset,
+                    epoch,
+                    direct,
+                },
+            ) if *direct.to == *stream.name || *direct.from == *stream.name => {
+                self.ctx.clock.observe(direct.clock);
+                let frame = SharedFrame::new(ServerFrame::Direct(
+                    direct.into_direct_message(Some(offset)),
+                ));
+                Input::Live {
+                    offset,
+                    epoch: epoch.into(),
+                    frame,
+                }
+            }
+            (StreamKind::Channel, TopicEvent::Presence(event))
+                if *event.channel == *stream.name =>
             {
                 self.ctx.clock.observe(event.clock);
-                if self.channels.contains_key(channel) {
-                    let channel: Arc<str> = channel.into();
-                    let frame = SharedFrame::new(ServerFrame::Presence(event));
-                    self.send_channel(&channel, Input::Presence(frame), now);
-                }
-            }
-            (Some(Topic::User(user)), TopicEvent::Direct(direct)) => {
-                self.ctx.clock.observe(direct.clock);
-                if let Some(entry) = self.users.get(user) {
-                    let frame = SharedFrame::new(ServerFrame::Direct(direct.into_direct_message()));
-                    let (queued, slow) = entry.route.deliver(&frame);
-                    self.tally.frames_out += queued;
-                    self.tally.slow_readers += slow;
-                }
+                Input::Presence(SharedFrame::new(ServerFrame::Presence(event)))
             }
             _ => {
-                tracing::warn!(topic = %String::from_utf8_lossy(topic), "message on a foreign topic dropped");
+                tracing::warn!(%stream, "message of another kind or stream on a topic dropped");
+                return;
             }
-        }
+        };
+        self.send(&stream, input, now);
     }
 
-    /// Gives an input to a channel's sequencer, if it exists, and carries out
+    /// Gives an input to a stream's sequencer, if it exists, and carries out
     /// what it asks.
-    fn send_channel(&mut self, channel: &Arc<str>, input: Input, now: Instant) {
-        if let Some(entry) = self.channels.get_mut(channel) {
+    fn send(&mut self, stream: &StreamId, input: Input, now: Instant) {
+        if let Some(entry) = self.streams.get_mut(stream) {
             entry.sequencer.handle(input, now, &mut self.effects);
-            self.after(channel);
+            self.after(stream);
         }
     }
 
-    /// Carries out a sequencer's effects, collects its tally, and drops it
-    /// when it failed to start.
-    fn after(&mut self, channel: &Arc<str>) {
-        let Some(entry) = self.channels.get_mut(channel) else {
+    /// Carries out a sequencer's effects, collects its tally, writes an
+    /// inbox's `seen` back, and drops the sequencer when it failed to start.
+    fn after(&mut self, stream: &StreamId) {
+        let Some(entry) = self.streams.get_mut(stream) else {
             return;
         };
         let tally = std::mem::take(&mut entry.sequencer.tally);
@@ -391,22 +366,33 @@ impl Dispatcher {
         self.tally.lost += tally.lost;
         let generation = entry.generation;
         let failed = entry.sequencer.is_failed();
+        if stream.kind == StreamKind::Inbox
+            && let Some(pushed) = entry.sequencer.pushed()
+            && entry.seen.as_ref() != Some(pushed)
+        {
+            entry.seen = Some(pushed.clone());
+            let (store, user, (epoch, offset)) =
+                (self.ctx.store.clone(), stream.name.clone(), pushed.clone());
+            tokio::spawn(async move {
+                if let Err(error) = store.inbox_seen(&user, &epoch, offset).await {
+                    tracing::debug!(%user, %error, "inbox position not recorded");
+                }
+            });
+        }
         for effect in std::mem::take(&mut self.effects) {
             match effect {
-                Effect::Subscribe => {
-                    self.subscribe(Bytes::from(keys::channel_topic(channel)), generation)
-                }
+                Effect::Subscribe => self.subscribe(stream.clone(), generation),
                 Effect::Fetch(request) => {
                     let ctx = self.ctx.clone();
                     let Some(tx) = self.tx.upgrade() else {
                         continue;
                     };
-                    let channel = channel.clone();
+                    let stream = stream.clone();
                     tokio::spawn(async move {
-                        let result = fetch::run(&ctx.store, &ctx.history, &channel, &request).await;
+                        let result = fetch::run(&ctx.store, &ctx.blocks, &stream, &request).await;
                         let _ = tx
                             .send(Event::Fetched {
-                                channel,
+                                stream,
                                 generation,
                                 id: request.id,
                                 result,
@@ -417,16 +403,14 @@ impl Dispatcher {
             }
         }
         if failed {
-            self.channels.remove(channel);
-            self.ctx
-                .pubsub
-                .try_unsubscribe(Bytes::from(keys::channel_topic(channel)));
+            self.streams.remove(stream);
+            self.ctx.pubsub.try_unsubscribe(Bytes::from(stream.topic()));
         }
     }
 
     /// Asks for a topic subscription; the outcome comes back as an event.
-    fn subscribe(&mut self, topic: Bytes, generation: u64) {
-        match self.ctx.pubsub.try_subscribe(topic.clone()) {
+    fn subscribe(&mut self, stream: StreamId, generation: u64) {
+        match self.ctx.pubsub.try_subscribe(Bytes::from(stream.topic())) {
             Ok(answer) => {
                 let Some(tx) = self.tx.upgrade() else { return };
                 tokio::spawn(async move {
@@ -436,7 +420,7 @@ impl Dispatcher {
                     };
                     let _ = tx
                         .send(Event::Subscribed {
-                            topic,
+                            stream,
                             generation,
                             result,
                         })
@@ -445,75 +429,40 @@ impl Dispatcher {
             }
             Err(error) => {
                 let result = Err(error.to_string());
-                self.subscribed(&topic, generation, result, Instant::now());
+                self.subscribed(&stream, generation, result, Instant::now());
             }
         }
     }
 
     fn subscribed(
         &mut self,
-        topic: &[u8],
+        stream: &StreamId,
         generation: u64,
         result: Result<(), String>,
         now: Instant,
     ) {
-        match parse_topic(topic) {
-            Some(Topic::Channel(channel)) => {
-                let channel: Arc<str> = channel.into();
-                if self
-                    .channels
-                    .get(&channel)
-                    .is_some_and(|c| c.generation == generation)
-                {
-                    self.send_channel(&channel, Input::Subscribed(result), now);
-                }
-            }
-            Some(Topic::User(user)) => {
-                if let Some(entry) = self.users.get_mut(user)
-                    && entry.generation == generation
-                    && !entry.route.subscribed(result)
-                {
-                    self.users.remove(user);
-                }
-            }
-            None => {}
+        if self
+            .streams
+            .get(stream)
+            .is_some_and(|c| c.generation == generation)
+        {
+            self.send(stream, Input::Subscribed(result), now);
         }
-    }
-
-    fn online(&mut self, user: Arc<str>, outbox: Outbox, online: Online) {
-        if let Some(entry) = self.users.get_mut(&user) {
-            entry.route.add(outbox, online);
-            return;
-        }
-        let generation = self.generation();
-        let route = UserRoute::new(outbox, online);
-        self.users.insert(user.clone(), User { route, generation });
-        self.subscribe(Bytes::from(keys::user_topic(&user)), generation);
     }
 
     /// Releases topics idle past the linger and retries failed catch-ups.
     fn tick(&mut self, now: Instant) {
         let linger = self.ctx.linger;
-        let names: Vec<Arc<str>> = self.channels.keys().cloned().collect();
-        for channel in names {
-            let Some(entry) = self.channels.get_mut(&channel) else {
+        let streams: Vec<StreamId> = self.streams.keys().cloned().collect();
+        for stream in streams {
+            let Some(entry) = self.streams.get_mut(&stream) else {
                 continue;
             };
             let finished = entry.sequencer.tick(now, linger, &mut self.effects);
-            self.after(&channel);
-            if finished
-                && self
-                    .ctx
-                    .pubsub
-                    .try_unsubscribe(Bytes::from(keys::channel_topic(&channel)))
-            {
-                self.channels.remove(&channel);
+            self.after(&stream);
+            if finished && self.ctx.pubsub.try_unsubscribe(Bytes::from(stream.topic())) {
+                self.streams.remove(&stream);
             }
         }
-        let pubsub = &self.ctx.pubsub;
-        self.users.retain(|user, entry| {
-            !(entry.route.expired(now, linger)
-                && pubsub.try_unsubscribe(Bytes::from(keys::user_topic(user))))
-        });
     }
 }

@@ -1,16 +1,20 @@
-//! Carries out a sequencer's [`Fetch`]: one atomic Redis read of the channel's
-//! position and history range, starting the channel's epoch first when asked.
+//! Carries out a sequencer's [`Fetch`]: one atomic Redis read of the stream's
+//! position and history range, starting the stream's epoch first when asked.
+//! An inbox whose epoch cannot be started (PostgreSQL down) is read as one
+//! without an epoch, so users still log in: its first direct message starts it.
 
+use chatcluster_protocol::stream::{StreamId, StreamKind};
+
+use crate::blocks::Blocks;
 use crate::delivery::sequencer::{Fetch, Fetched, ReadFrom};
 use crate::epochs;
-use crate::history::History;
 use crate::store::Store;
 
-/// Runs `fetch` for `channel`; the error is a message for logs.
+/// Runs `fetch` for `stream`; the error is a message for logs.
 pub async fn run(
     store: &Store,
-    history: &History,
-    channel: &str,
+    blocks: &Blocks,
+    stream: &StreamId,
     fetch: &Fetch,
 ) -> Result<Fetched, String> {
     let (from, until) = match fetch.range {
@@ -19,15 +23,18 @@ pub async fn run(
         None => (None, None),
     };
     let (position, messages) = store
-        .read(channel, from, until, fetch.range.is_some())
+        .read(stream, from, until, fetch.range.is_some())
         .await
         .map_err(|e| e.to_string())?;
     let position = match position {
-        None if fetch.start_epoch => Some(
-            epochs::start(store, history, channel)
-                .await
-                .map_err(|e| e.to_string())?,
-        ),
+        None if fetch.start_epoch => match epochs::start(store, blocks, stream).await {
+            Ok(position) => Some(position),
+            Err(error) if stream.kind == StreamKind::Inbox => {
+                tracing::warn!(%stream, %error, "inbox epoch not started yet");
+                None
+            }
+            Err(error) => return Err(error.to_string()),
+        },
         other => other,
     };
     Ok(Fetched { position, messages })

@@ -1,21 +1,19 @@
 //! The delivery core: from topic messages to the outboxes of local connections.
 //!
-//! Each topic (a channel, or a user's direct messages) belongs to one of as
-//! many dispatcher tasks as there are cores, by hash of its name; a dispatcher
-//! owns the [`sequencer::Sequencer`]s and direct-message routes of its topics,
-//! so the delivery path has no global lock and spreads over every core. Queues
+//! Each topic (a channel, or a user's inbox of direct messages) belongs to one
+//! of as many dispatcher tasks as there are cores, by hash of its name; a
+//! dispatcher owns the [`sequencer::Sequencer`]s of its topics, so the
+//! delivery path has no global lock and spreads over every core. Queues
 //! into dispatchers are bounded. The pub/sub intake never waits: when a
 //! dispatcher's queue is full the message is dropped and its channel is marked
 //! for a resync, which reads what was dropped back from the history stream.
 //!
 //! The rest of the gateway talks to this module through [`Delivery`]: joining
-//! and leaving channels, coming online for direct messages, and the presence
-//! members to refresh.
+//! and leaving channels and inboxes, and the presence members to refresh.
 
 pub mod dispatcher;
 pub mod fetch;
 pub mod sequencer;
-pub mod users;
 
 use std::collections::HashSet;
 use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
@@ -25,7 +23,7 @@ use bytes::Bytes;
 use tokio::sync::{Notify, mpsc, oneshot};
 
 use chatcluster_protocol::frame::Since;
-use chatcluster_protocol::keys;
+use chatcluster_protocol::stream::StreamId;
 
 use crate::metrics::Metrics;
 use crate::outbox::{ConnId, Outbox};
@@ -101,14 +99,15 @@ impl Delivery {
         self.shard(topic).tx.send(event).await.is_ok()
     }
 
-    /// Subscribes a connection to a channel. The sequencer queues the reply
-    /// itself (so that it precedes every push above its offset); on error
-    /// nothing was queued and the caller answers.
+    /// Subscribes a connection to a channel, or joins a logged-in connection
+    /// to its user's inbox. The sequencer queues the reply itself (so that it
+    /// precedes every push above its offset); on error nothing was queued and
+    /// the caller answers.
     pub async fn join(
         &self,
-        channel: &str,
+        stream: StreamId,
         outbox: Outbox,
-        presence: PresenceMember,
+        presence: Option<PresenceMember>,
         since: Option<Since>,
         reply: ReplyContext,
     ) -> Result<Joined, JoinError> {
@@ -120,54 +119,22 @@ impl Delivery {
             reply,
             done,
         };
-        let topic = keys::channel_topic(channel);
-        let event = Event::Join {
-            channel: channel.into(),
-            request,
-        };
-        if !self.send(topic.as_bytes(), event).await {
+        let topic = stream.topic();
+        if !self
+            .send(topic.as_bytes(), Event::Join { stream, request })
+            .await
+        {
             return Err(stopped());
         }
         answer.await.unwrap_or_else(|_| Err(stopped()))
     }
 
-    /// Removes a connection from a channel; nothing is queued to it for the
-    /// channel after this returns.
-    pub async fn leave(&self, channel: &str, conn: ConnId) {
-        let topic = keys::channel_topic(channel);
-        let event = Event::Leave {
-            channel: channel.into(),
-            conn,
-        };
-        self.send(topic.as_bytes(), event).await;
-    }
-
-    /// Makes a connection receive its user's direct messages; returns once the
-    /// user's topic is subscribed.
-    pub async fn online(&self, user: &str, outbox: Outbox) -> Result<(), String> {
-        let (online, answer) = oneshot::channel();
-        let topic = keys::user_topic(user);
-        let event = Event::Online {
-            user: user.into(),
-            outbox,
-            online,
-        };
-        if !self.send(topic.as_bytes(), event).await {
-            return Err("gateway shutting down".into());
-        }
-        answer
-            .await
-            .unwrap_or_else(|_| Err("gateway shutting down".into()))
-    }
-
-    /// Stops a connection receiving its user's direct messages.
-    pub async fn offline(&self, user: &str, conn: ConnId) {
-        let topic = keys::user_topic(user);
-        let event = Event::Offline {
-            user: user.into(),
-            conn,
-        };
-        self.send(topic.as_bytes(), event).await;
+    /// Removes a connection from a channel or inbox; nothing is queued to it
+    /// for the stream after this returns.
+    pub async fn leave(&self, stream: StreamId, conn: ConnId) {
+        let topic = stream.topic();
+        self.send(topic.as_bytes(), Event::Leave { stream, conn })
+            .await;
     }
 
     /// Users with a connection on this gateway.

@@ -1,8 +1,9 @@
-//! One channel's sequencer: the only place that decides what each local
-//! subscriber of the channel receives, and in which order.
+//! One sequenced stream's sequencer: the only place that decides what each
+//! local subscriber of a channel — or each connection of a user, for the
+//! user's inbox of direct messages — receives, and in which order.
 //!
 //! It is a state machine without I/O. Its inputs are live messages from the
-//! channel topic, joins and leaves of local connections, and the results of the
+//! stream's topic, joins and leaves of local connections, and the results of the
 //! Redis reads it asked for; its outputs are frames queued to outboxes and
 //! [`Effect`]s (subscribe the topic, read history) that the dispatcher carries
 //! out and answers with more inputs. Tests drive any interleaving of those
@@ -29,8 +30,9 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use chatcluster_protocol::frame::{
-    ChannelMessage, ErrorCode, ReplyData, RequestId, ServerFrame, Since, SubscribeReply,
+    ErrorCode, InboxPosition, LoginReply, ReplyData, RequestId, ServerFrame, Since, SubscribeReply,
 };
+use chatcluster_protocol::stream::{StreamId, StreamKind};
 
 use crate::outbox::{ConnId, Outbox, Pushed, SharedFrame};
 pub use crate::store::Position;
@@ -58,45 +60,65 @@ pub struct Fetch {
     pub id: u64,
     /// History to read, in one atomic step with the position; `None`: the position only.
     pub range: Option<(ReadFrom, Option<u64>)>,
-    /// Start a new epoch when the channel has none (first use after a wipe).
+    /// Start a new epoch when the stream has none (first use after a wipe).
     pub start_epoch: bool,
 }
 
-/// What a [`Fetch`] found: the channel's position and the messages in the
+/// What a [`Fetch`] found: the stream's position and the messages in the
 /// range, read atomically, so every message above `position.top` is still to
 /// come on the topic.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Fetched {
-    /// `None` when the channel has no epoch in Redis.
+    /// `None` when the stream has no valid epoch in Redis.
     pub position: Option<Position>,
-    /// The messages in the range, oldest first.
-    pub messages: Vec<ChannelMessage>,
+    /// The messages in the range as pushes (channel messages or direct
+    /// messages with their inbox offset), oldest first.
+    pub messages: Vec<ServerFrame>,
 }
 
 /// Work for the dispatcher.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Effect {
-    /// Subscribe the channel topic; answer with [`Input::Subscribed`].
+    /// Subscribe the stream's topic; answer with [`Input::Subscribed`].
     Subscribe,
     /// Read from Redis; answer with [`Input::Fetched`].
     Fetch(Fetch),
 }
 
-/// What the subscribe reply needs besides the sequencer's own answer.
+/// What the reply to a join needs besides the sequencer's own answer.
 #[derive(Debug)]
 pub struct ReplyContext {
     /// The request id.
     pub id: Option<RequestId>,
     /// The request's Lamport time.
     pub clock: u64,
-    /// Users present in the channel.
-    pub presence: Vec<String>,
+    /// Which reply.
+    pub kind: ReplyKind,
+}
+
+/// How a join is answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReplyKind {
+    /// `subscribe` to a channel: the recovered messages are in the reply's `missed`.
+    Subscribe {
+        /// Users present in the channel.
+        presence: Vec<String>,
+    },
+    /// `login` (the user's inbox): the reply says where the inbox stands, and
+    /// the recovered direct messages follow it as pushes.
+    Login {
+        /// The user.
+        user: String,
+    },
+    /// A connection logged in by its token (no request to answer): only the
+    /// recovered direct messages, as pushes.
+    Silent,
 }
 
 /// How a subscription started, for the session.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Joined {
-    /// Epoch of the channel.
+    /// Epoch of the stream.
     pub epoch: String,
     /// Offset the reply covered; pushes continue after it.
     pub offset: u64,
@@ -128,8 +150,8 @@ impl JoinError {
 pub struct JoinRequest {
     /// The connection's outbox.
     pub outbox: Outbox,
-    /// Its presence member.
-    pub presence: PresenceMember,
+    /// Its presence member (channels only).
+    pub presence: Option<PresenceMember>,
     /// The last message it saw, to recover from.
     pub since: Option<Since>,
     /// The rest of the reply.
@@ -141,7 +163,7 @@ pub struct JoinRequest {
 /// An input of the sequencer.
 #[derive(Debug)]
 pub enum Input {
-    /// A message read on the channel topic.
+    /// A message read on the stream's topic.
     Live {
         /// Its offset.
         offset: u64,
@@ -168,7 +190,7 @@ pub enum Input {
 #[derive(Debug)]
 struct Member {
     outbox: Outbox,
-    presence: PresenceMember,
+    presence: Option<PresenceMember>,
     floor: u64,
 }
 
@@ -195,7 +217,7 @@ enum FillKind {
     NewEpoch,
 }
 
-/// A history read in flight for the channel itself.
+/// A history read in flight for the stream itself.
 #[derive(Debug, Clone, Copy)]
 struct Fill {
     id: u64,
@@ -208,7 +230,7 @@ struct Fill {
 enum Phase {
     /// Waiting for the topic subscription.
     Subscribing,
-    /// Subscribed; reading the channel's position.
+    /// Subscribed; reading the stream's position.
     Starting { fetch: u64 },
     /// Delivering.
     Live {
@@ -242,13 +264,13 @@ pub struct Tally {
     pub lost: u64,
 }
 
-/// The sequencer of one channel on this gateway.
+/// The sequencer of one channel or inbox on this gateway.
 #[derive(Debug)]
 pub struct Sequencer {
-    channel: Arc<str>,
+    stream: StreamId,
     phase: Phase,
     members: Vec<Member>,
-    /// Joins waiting for the channel to start.
+    /// Joins waiting for the stream to start.
     waiting: Vec<JoinRequest>,
     joining: Vec<Joining>,
     held: VecDeque<Held>,
@@ -257,17 +279,19 @@ pub struct Sequencer {
     next_fetch: u64,
     /// Largest frames a member may have queued while joining.
     keep_limit: usize,
+    /// The newest offset queued to at least one member, and its epoch.
+    pushed: Option<(Arc<str>, u64)>,
     /// Counters since the dispatcher last took them.
     pub tally: Tally,
 }
 
 impl Sequencer {
-    /// A sequencer for a channel not yet live on this gateway; the first
+    /// A sequencer for a stream not yet live on this gateway; the first
     /// effect is [`Effect::Subscribe`].
-    pub fn new(channel: Arc<str>, keep_limit: usize, effects: &mut Vec<Effect>) -> Self {
+    pub fn new(stream: StreamId, keep_limit: usize, effects: &mut Vec<Effect>) -> Self {
         effects.push(Effect::Subscribe);
         Self {
-            channel,
+            stream,
             phase: Phase::Subscribing,
             members: Vec::new(),
             waiting: Vec::new(),
@@ -277,13 +301,14 @@ impl Sequencer {
             idle_since: None,
             next_fetch: 1,
             keep_limit,
+            pushed: None,
             tally: Tally::default(),
         }
     }
 
-    /// The channel.
-    pub fn channel(&self) -> &Arc<str> {
-        &self.channel
+    /// The channel or inbox.
+    pub fn stream(&self) -> &StreamId {
+        &self.stream
     }
 
     /// Presence members of local subscribers, joining ones included.
@@ -293,6 +318,12 @@ impl Sequencer {
             .map(|m| &m.presence)
             .chain(self.joining.iter().map(|j| &j.request.presence))
             .chain(self.waiting.iter().map(|w| &w.presence))
+            .flatten()
+    }
+
+    /// The newest offset queued to at least one member, with its epoch.
+    pub fn pushed(&self) -> Option<&(Arc<str>, u64)> {
+        self.pushed.as_ref()
     }
 
     /// Local connections subscribed or subscribing.
@@ -389,7 +420,7 @@ impl Sequencer {
                 self.phase = Phase::Starting { fetch };
             }
             Err(error) => {
-                tracing::warn!(channel = %self.channel, %error, "channel topic not subscribed");
+                tracing::warn!(stream = %self.stream, %error, "topic not subscribed");
                 self.fail_all(&JoinError::unavailable("message store unavailable"));
             }
         }
@@ -444,12 +475,20 @@ impl Sequencer {
                 position: Some(position),
                 ..
             }) => position,
+            // An inbox without an epoch yet: live with none; its first
+            // message starts one and is read from history like a new epoch.
+            Ok(Fetched { position: None, .. }) if self.stream.kind == StreamKind::Inbox => {
+                Position {
+                    epoch: String::new(),
+                    top: 0,
+                }
+            }
             Ok(Fetched { position: None, .. }) => {
-                self.fail_all(&JoinError::unavailable("channel has no epoch"));
+                self.fail_all(&JoinError::unavailable("no epoch could be started"));
                 return;
             }
             Err(error) => {
-                tracing::warn!(channel = %self.channel, %error, "channel position unavailable");
+                tracing::warn!(stream = %self.stream, %error, "position unavailable");
                 self.fail_all(&JoinError::unavailable("message store unavailable"));
                 return;
             }
@@ -517,7 +556,7 @@ impl Sequencer {
         let fetched = match result {
             Ok(fetched) => fetched,
             Err(error) => {
-                tracing::warn!(channel = %self.channel, %error, "recovery read failed");
+                tracing::warn!(stream = %self.stream, %error, "recovery read failed");
                 let _ = request
                     .done
                     .send(Err(JoinError::unavailable("message store unavailable")));
@@ -538,9 +577,10 @@ impl Sequencer {
                     let kept = kept.into_iter().filter(|f| offset_of(f) > floor).collect();
                     self.reply(request, &current, floor, recovered, Vec::new(), kept);
                 } else {
-                    let complete = fetched.messages.first().map(|m| m.offset)
-                        == Some(since.offset + 1)
-                        && fetched.messages.last().map(|m| m.offset) == Some(cut)
+                    let first = fetched.messages.first().map(offset_of_frame);
+                    let last = fetched.messages.last().map(offset_of_frame);
+                    let complete = first == Some(since.offset + 1)
+                        && last == Some(cut)
                         && fetched.messages.len() as u64 == cut - since.offset;
                     let missed = if complete {
                         fetched.messages
@@ -565,15 +605,15 @@ impl Sequencer {
         }
     }
 
-    /// Queues the subscribe reply, then what was kept for the joiner, and makes
-    /// it a member with `floor`.
+    /// Queues the reply (with the recovered messages in it, or followed by
+    /// them), then what was kept for the joiner, and makes it a member with `floor`.
     fn reply(
         &mut self,
         request: JoinRequest,
         epoch: &str,
         floor: u64,
         recovered: bool,
-        missed: Vec<ChannelMessage>,
+        missed: Vec<ServerFrame>,
         kept: Vec<Arc<SharedFrame>>,
     ) {
         let JoinRequest {
@@ -583,27 +623,66 @@ impl Sequencer {
             done,
             ..
         } = request;
-        let frame = ServerFrame::Ok {
-            id: reply.id,
-            clock: reply.clock,
-            data: ReplyData::Subscribe(SubscribeReply {
-                channel: self.channel.to_string(),
-                epoch: epoch.to_owned(),
-                offset: floor,
-                presence: reply.presence,
-                recovered,
-                missed,
-            }),
+        let (data, pushes) = match reply.kind {
+            ReplyKind::Subscribe { presence } => {
+                let missed = missed
+                    .into_iter()
+                    .filter_map(|frame| match frame {
+                        ServerFrame::Message(message) => Some(message),
+                        _ => None,
+                    })
+                    .collect();
+                let data = ReplyData::Subscribe(SubscribeReply {
+                    channel: self.stream.name.to_string(),
+                    epoch: epoch.to_owned(),
+                    offset: floor,
+                    presence,
+                    recovered,
+                    missed,
+                });
+                (Some(data), Vec::new())
+            }
+            ReplyKind::Login { user } => {
+                let inbox = Some(InboxPosition {
+                    epoch: epoch.to_owned(),
+                    offset: floor,
+                    recovered,
+                });
+                (Some(ReplyData::Login(LoginReply { user, inbox })), missed)
+            }
+            ReplyKind::Silent => (None, missed),
         };
-        if outbox.push_frame(&frame) != Pushed::Queued {
+        let queued = match data {
+            Some(data) => outbox.push_frame(&ServerFrame::Ok {
+                id: reply.id,
+                clock: reply.clock,
+                data,
+            }),
+            None if outbox.is_closed() => Pushed::Closed,
+            None => Pushed::Queued,
+        };
+        if queued != Pushed::Queued {
             let _ = done.send(Err(JoinError {
                 code: ErrorCode::Unavailable,
                 message: "connection closing".into(),
             }));
             return;
         }
-        for frame in &kept {
-            self.tally_push(outbox.push_shared(frame));
+        let mut newest = None;
+        for frame in pushes.into_iter().map(SharedFrame::new).chain(kept) {
+            let pushed = outbox.push_shared(&frame);
+            if pushed == Pushed::Queued && offset_of(&frame) != u64::MAX {
+                newest = Some(offset_of(&frame));
+            }
+            self.tally_push(pushed);
+        }
+        if let Some(offset) = newest
+            && self
+                .pushed
+                .as_ref()
+                .is_none_or(|(e, o)| **e != *epoch || *o < offset)
+        {
+            self.pushed = Some((epoch.into(), offset));
         }
         let _ = done.send(Ok(Joined {
             epoch: epoch.to_owned(),
@@ -641,8 +720,14 @@ impl Sequencer {
         self.tally.frames_out += tally.frames_out;
         self.tally.slow_readers += tally.slow_readers;
         self.keep(|cut| offset > cut, frame);
-        if let Phase::Live { delivered, .. } = &mut self.phase {
+        if let Phase::Live {
+            delivered, epoch, ..
+        } = &mut self.phase
+        {
             *delivered = offset;
+            if tally.frames_out > 0 {
+                self.pushed = Some((epoch.clone(), offset));
+            }
         }
     }
 
@@ -783,7 +868,7 @@ impl Sequencer {
         let fetched = match result {
             Ok(fetched) => fetched,
             Err(error) => {
-                tracing::warn!(channel = %self.channel, %error, "history read failed; retrying");
+                tracing::warn!(stream = %self.stream, %error, "history read failed; retrying");
                 // Held messages wait; the next tick reads everything after `delivered`.
                 self.resync_wanted = true;
                 return;
@@ -799,7 +884,7 @@ impl Sequencer {
                 self.start_fill(FillKind::NewEpoch, ReadFrom::Start, None, effects);
                 return;
             }
-            tracing::warn!(channel = %self.channel, epoch = %position.epoch, "channel history lost in Redis: new epoch");
+            tracing::warn!(stream = %self.stream, epoch = %position.epoch, "history lost in Redis: new epoch");
             current = position.epoch.as_str().into();
             delivered = 0;
             self.adopt_epoch(current.clone(), delivered);
@@ -853,9 +938,9 @@ impl Sequencer {
 
     /// Delivers fetched messages above `delivered`, counting what history no
     /// longer had.
-    fn deliver_fetched(&mut self, mut delivered: u64, messages: Vec<ChannelMessage>) {
+    fn deliver_fetched(&mut self, mut delivered: u64, messages: Vec<ServerFrame>) {
         for message in messages {
-            let offset = message.offset;
+            let offset = offset_of_frame(&message);
             if offset <= delivered {
                 continue;
             }
@@ -863,7 +948,7 @@ impl Sequencer {
                 self.tally.lost += offset - delivered - 1;
             }
             self.tally.gap_filled += 1;
-            let frame = SharedFrame::new(ServerFrame::Message(message));
+            let frame = SharedFrame::new(message);
             self.deliver(offset, &frame);
             delivered = offset;
         }
@@ -883,13 +968,14 @@ impl Sequencer {
     }
 }
 
-/// The offset of a message push (`u64::MAX` for other pushes: presence events
-/// kept for a joiner are always queued after its reply).
+/// The offset of a sequenced push (`u64::MAX` for other pushes: presence
+/// events kept for a joiner are always queued after its reply).
 fn offset_of(frame: &SharedFrame) -> u64 {
-    match frame.frame() {
-        ServerFrame::Message(message) => message.offset,
-        _ => u64::MAX,
-    }
+    offset_of_frame(frame.frame())
+}
+
+fn offset_of_frame(frame: &ServerFrame) -> u64 {
+    chatcluster_protocol::stream::offset_of(frame).unwrap_or(u64::MAX)
 }
 
 #[cfg(test)]

@@ -57,7 +57,8 @@ impl GatewayOptions {
 }
 
 impl Gateway {
-    /// Starts a gateway against `redis_url` and waits until it is ready.
+    /// Starts a gateway against `redis_url` and waits until it is ready;
+    /// without a `DATABASE_URL` in the options it runs `EPHEMERAL`.
     pub fn start(redis_url: &str, options: GatewayOptions) -> Self {
         let admin_port = free_port();
         let mut command = Command::new(env!("CARGO_BIN_EXE_chatcluster-gateway"));
@@ -83,6 +84,9 @@ impl Gateway {
                 Some(port)
             }
         };
+        if !options.env.iter().any(|(key, _)| key == "DATABASE_URL") {
+            command.env("EPHEMERAL", "true");
+        }
         for (key, value) in &options.env {
             command.env(key, value);
         }
@@ -139,6 +143,7 @@ pub struct Client {
     next_id: i64,
     pushes: VecDeque<Value>,
     pub clock: u64,
+    closed: bool,
 }
 
 /// Connects with a subprotocol and optional extra headers; `Err` carries the HTTP rejection.
@@ -174,6 +179,7 @@ pub async fn try_connect(
         next_id: 1,
         pushes: VecDeque::new(),
         clock: 0,
+        closed: false,
     })
 }
 
@@ -221,13 +227,15 @@ impl Client {
         id
     }
 
-    /// Reads the next server frame (any kind), decoded; `None` on close or timeout.
+    /// Reads the next server frame (any kind), decoded; `None` on close or
+    /// timeout ([`Client::is_closed`] tells which).
     pub async fn next_frame(&mut self, timeout: Duration) -> Option<Value> {
         loop {
-            let message = tokio::time::timeout(timeout, self.ws.next())
-                .await
-                .ok()??
-                .ok()?;
+            let next = tokio::time::timeout(timeout, self.ws.next()).await.ok()?;
+            let Some(Ok(message)) = next else {
+                self.closed = true;
+                return None;
+            };
             let bytes = match message {
                 Message::Text(text) => {
                     assert_eq!(
@@ -245,7 +253,10 @@ impl Client {
                     );
                     bytes.to_vec()
                 }
-                Message::Close(_) => return None,
+                Message::Close(_) => {
+                    self.closed = true;
+                    return None;
+                }
                 _ => continue,
             };
             let value: Value = codec::decode(self.encoding, &bytes).expect("server frame decodes");
@@ -287,6 +298,21 @@ impl Client {
             reply["code"].as_str().unwrap().to_owned(),
             reply["message"].as_str().unwrap().to_owned(),
         )
+    }
+
+    /// Whether the server closed the connection (or it broke).
+    pub fn is_closed(&self) -> bool {
+        self.closed
+    }
+
+    /// Keeps a push read while waiting for something else, for [`Client::push`].
+    pub fn keep(&mut self, frame: Value) {
+        self.pushes.push_back(frame);
+    }
+
+    /// The oldest push kept, without reading the socket.
+    pub fn kept(&mut self) -> Option<Value> {
+        self.pushes.pop_front()
     }
 
     /// The next push (message, direct or presence frame).
@@ -349,4 +375,34 @@ pub fn texts(frames: &[Value]) -> Vec<String> {
         .iter()
         .map(|f| f["text"].as_str().unwrap().to_owned())
         .collect()
+}
+
+/// Runs a worker in-process with batches of `batch_size` entries written
+/// after `batch_timeout` at the latest; returns once it migrated the database
+/// and is ready. Dropping the sender stops it.
+pub async fn start_worker(
+    redis_url: &str,
+    database_url: &str,
+    batch_size: usize,
+    batch_timeout: Duration,
+) -> tokio::sync::oneshot::Sender<()> {
+    let mut config = chatcluster_worker::Config::new(redis_url, database_url, "gateway-test");
+    (config.batch_size, config.batch_timeout) = (batch_size, batch_timeout);
+    let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = admin.local_addr().unwrap().port();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        chatcluster_worker::worker::run(config, admin, async move {
+            let _ = stopped.await;
+        })
+        .await
+        .unwrap();
+    });
+    for _ in 0..300 {
+        if chatcluster_testkit::http::get(port, "/ready").await.0 == 200 {
+            return stop;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("worker not ready");
 }

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use chatcluster_protocol::entry::{PersistEntry, StoredDirect, StoredMessage};
 use chatcluster_protocol::keys::{self, PERSIST_GROUP};
 use chatcluster_protocol::scripts;
+use chatcluster_protocol::stream::{AppendSettings, ScriptCall, StreamId};
 use chatcluster_testkit::process::{Guarded, Output};
 use chatcluster_testkit::{Postgres, RedisServer};
 use chatcluster_worker::Config;
@@ -201,17 +202,37 @@ pub async fn wait_ready(addr: SocketAddr) {
     .await;
 }
 
-/// Starts a channel's epoch the way the gateway does (offset floor from PostgreSQL).
+/// How these tests append: no TTL, no idempotency records.
+const APPEND: AppendSettings = AppendSettings {
+    history_size: 1000,
+    ttl_secs: 0,
+    record_ms: 1,
+    block: 1 << 40,
+};
+
+/// Runs one script call.
+async fn call<T: redis::FromRedisValue>(
+    conn: &mut MultiplexedConnection,
+    script: &redis::Script,
+    call: ScriptCall,
+) -> T {
+    let mut invocation = script.prepare_invoke();
+    invocation.key(call.keys).arg(call.args);
+    invocation.invoke_async(conn).await.unwrap()
+}
+
+/// Starts a stream's epoch after `floor` the way the gateway does, with a
+/// block of offsets large enough for any test.
+pub async fn init_stream(conn: &mut MultiplexedConnection, stream: &StreamId, floor: i64) {
+    let epoch = Uuid::new_v4().simple().to_string()[..12].to_owned();
+    let init = stream.init_call(SHARDS, &epoch, floor as u64, APPEND.block, 0);
+    let _: (i64, String, i64, i64) =
+        call(conn, &redis::Script::new(scripts::INIT_EPOCH), init).await;
+}
+
+/// Starts a channel's epoch after `floor` (the gateway's offset floor).
 pub async fn init_channel(conn: &mut MultiplexedConnection, channel: &str, floor: i64) {
-    let _: (i64, String) = redis::Script::new(scripts::INIT_CHANNEL)
-        .key(keys::meta_key(channel, SHARDS))
-        .key(keys::history_key(channel, SHARDS))
-        .arg(Uuid::new_v4().to_string())
-        .arg(floor)
-        .arg(0)
-        .invoke_async(conn)
-        .await
-        .unwrap();
+    init_stream(conn, &StreamId::channel(channel), floor).await;
 }
 
 /// A message the gateway's script accepted: where it must land.
@@ -236,12 +257,13 @@ pub async fn publish_texts(
     channel: &str,
     texts: &[String],
 ) -> Vec<Published> {
-    let script = redis::Script::new(scripts::PUBLISH_MESSAGE);
+    let script = redis::Script::new(scripts::APPEND);
     let _: (String,) = redis::pipe()
         .load_script(&script)
         .query_async(conn)
         .await
         .unwrap();
+    let stream = StreamId::channel(channel);
     let mut published = Vec::with_capacity(texts.len());
     for chunk in texts.iter().enumerate().collect::<Vec<_>>().chunks(200) {
         let mut pipe = redis::pipe();
@@ -257,22 +279,17 @@ pub async fn publish_texts(
                 clock: *i as u64,
             };
             ids.push(message.msg_id);
+            let append =
+                stream.append_call(SHARDS, message.encode(), message.msg_id, None, &APPEND);
             let mut invocation = script.prepare_invoke();
-            invocation
-                .key(keys::meta_key(channel, SHARDS))
-                .key(keys::history_key(channel, SHARDS))
-                .key(keys::persist_key(keys::shard_of(channel, SHARDS)))
-                .arg(message.encode())
-                .arg(1000)
-                .arg(0)
-                .arg(keys::channel_topic(channel));
+            invocation.key(append.keys).arg(append.args);
             invocations.push(invocation);
         }
         for invocation in &invocations {
             pipe.invoke_script(invocation);
         }
-        let replies: Vec<(i64, String)> = pipe.query_async(conn).await.unwrap();
-        for (msg_id, (offset, _epoch)) in ids.into_iter().zip(replies) {
+        let replies: Vec<(i64, String, String, i64, i64)> = pipe.query_async(conn).await.unwrap();
+        for (msg_id, (offset, ..)) in ids.into_iter().zip(replies) {
             published.push(Published {
                 channel: channel.to_owned(),
                 offset,
@@ -306,8 +323,15 @@ pub async fn register(conn: &mut MultiplexedConnection, kind: &str, name: &str) 
         .unwrap();
 }
 
-/// Sends a direct message through `PUBLISH_DIRECT`.
-pub async fn direct(conn: &mut MultiplexedConnection, from: &str, to: &str, text: &str) -> Uuid {
+/// Sends a direct message like the gateway: appended to the recipient's
+/// inbox, then to the sender's (once for a note to oneself). Returns its id
+/// and its offsets in the two inboxes.
+pub async fn direct(
+    conn: &mut MultiplexedConnection,
+    from: &str,
+    to: &str,
+    text: &str,
+) -> (Uuid, Vec<i64>) {
     let message = StoredDirect {
         msg_id: Uuid::new_v4(),
         from: from.to_owned(),
@@ -316,15 +340,25 @@ pub async fn direct(conn: &mut MultiplexedConnection, from: &str, to: &str, text
         ts: chrono::Utc::now().timestamp_millis(),
         clock: 1,
     };
-    let _: i64 = redis::Script::new(scripts::PUBLISH_DIRECT)
-        .key(keys::persist_key(keys::shard_of(to, SHARDS)))
-        .arg(message.encode())
-        .arg(keys::user_topic(to))
-        .arg(keys::user_topic(from))
-        .invoke_async(conn)
-        .await
-        .unwrap();
-    message.msg_id
+    let script = redis::Script::new(scripts::APPEND);
+    let mut offsets = Vec::new();
+    let owners = if from == to { vec![to] } else { vec![to, from] };
+    for owner in owners {
+        let inbox = StreamId::inbox(owner);
+        let (epoch, _): (Option<String>, i64) = redis::Script::new(scripts::INBOX_CURSOR)
+            .key(keys::inbox_meta_key(owner, SHARDS))
+            .key(keys::life_key(keys::shard_of(owner, SHARDS)))
+            .invoke_async(conn)
+            .await
+            .unwrap();
+        if epoch.is_none() {
+            init_stream(conn, &inbox, 0).await;
+        }
+        let append = inbox.append_call(SHARDS, message.encode(), message.msg_id, None, &APPEND);
+        let (offset, ..): (i64, String, String, i64, i64) = call(conn, &script, append).await;
+        offsets.push(offset);
+    }
+    (message.msg_id, offsets)
 }
 
 /// Appends raw fields to a persistence stream (redelivery and poison tests).
@@ -387,7 +421,9 @@ pub async fn count(pool: &PgPool, table: &'static str) -> i64 {
         "users" => "SELECT count(*) FROM users",
         "channels" => "SELECT count(*) FROM channels",
         "direct_messages" => "SELECT count(*) FROM direct_messages",
-        _ => "SELECT count(*) FROM messages",
+        "inbox" => "SELECT count(*) FROM inbox",
+        "messages" => "SELECT count(*) FROM messages",
+        other => panic!("count of unknown table {other}"),
     };
     sqlx::query_scalar(sql).fetch_one(pool).await.unwrap_or(0)
 }

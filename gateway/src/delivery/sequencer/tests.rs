@@ -45,8 +45,10 @@ fn presence(user: &str) -> Input {
     })))
 }
 
-fn history(from: u64, to: u64) -> Vec<ChannelMessage> {
-    (from..=to).map(message).collect()
+fn history(from: u64, to: u64) -> Vec<ServerFrame> {
+    (from..=to)
+        .map(|offset| ServerFrame::Message(message(offset)))
+        .collect()
 }
 
 fn position(epoch: &str, top: u64) -> Option<Position> {
@@ -78,7 +80,7 @@ impl Client {
         self.done = Some(answer);
         Input::Join(JoinRequest {
             outbox: self.outbox.clone(),
-            presence: (format!("u{}", self.outbox.id()).into(), "u".into()),
+            presence: Some((format!("u{}", self.outbox.id()).into(), "u".into())),
             since: since.map(|(offset, epoch)| Since {
                 offset,
                 epoch: epoch.into(),
@@ -86,7 +88,9 @@ impl Client {
             reply: ReplyContext {
                 id: None,
                 clock: 0,
-                presence: Vec::new(),
+                kind: ReplyKind::Subscribe {
+                    presence: Vec::new(),
+                },
             },
             done,
         })
@@ -131,6 +135,38 @@ fn missed(reply: &Value) -> Vec<u64> {
         .collect()
 }
 
+fn direct(offset: u64) -> ServerFrame {
+    ServerFrame::Direct(chatcluster_protocol::frame::DirectMessage {
+        offset: Some(offset),
+        msg_id: uuid::Uuid::from_u128(u128::from(offset)),
+        from: "alice".into(),
+        to: "bob".into(),
+        text: format!("d{offset}"),
+        ts: Timestamp(0),
+        clock: offset,
+    })
+}
+
+/// A connection of bob joining his inbox (`login`).
+fn login(client: &mut Client, since: Option<(u64, &str)>, kind: ReplyKind) -> Input {
+    let (done, answer) = oneshot::channel();
+    client.done = Some(answer);
+    Input::Join(JoinRequest {
+        outbox: client.outbox.clone(),
+        presence: None,
+        since: since.map(|(offset, epoch)| Since {
+            offset,
+            epoch: epoch.into(),
+        }),
+        reply: ReplyContext {
+            id: Some(RequestId::Int(1)),
+            clock: 0,
+            kind,
+        },
+        done,
+    })
+}
+
 /// A sequencer and the effects it asked for.
 struct Harness {
     sequencer: Sequencer,
@@ -140,8 +176,12 @@ struct Harness {
 
 impl Harness {
     fn new() -> Self {
+        Self::of(StreamId::channel("geral"))
+    }
+
+    fn of(stream: StreamId) -> Self {
         let mut effects = Vec::new();
-        let sequencer = Sequencer::new("geral".into(), KEEP, &mut effects);
+        let sequencer = Sequencer::new(stream, KEEP, &mut effects);
         assert_eq!(effects, [Effect::Subscribe]);
         effects.clear();
         Self {
@@ -189,7 +229,7 @@ impl Harness {
         );
     }
 
-    fn answer(&mut self, fetch: &Fetch, position: Option<Position>, messages: Vec<ChannelMessage>) {
+    fn answer(&mut self, fetch: &Fetch, position: Option<Position>, messages: Vec<ServerFrame>) {
         self.input(Input::Fetched(fetch.id, Ok(Fetched { position, messages })));
     }
 }
@@ -615,4 +655,80 @@ fn simulate(steps: &[u8], seed: u64) -> Result<(), proptest::test_runner::TestCa
         proptest::prop_assert_eq!(&got, &expected, "client since {:?} reply {}", since, reply);
     }
     Ok(())
+}
+
+#[test]
+fn an_inbox_login_is_answered_first_then_the_recovered_messages_follow_as_pushes() {
+    let mut harness = Harness::of(StreamId::inbox("bob"));
+    let mut phone = Client::new(1);
+    harness.input(login(
+        &mut phone,
+        Some((1, EPOCH)),
+        ReplyKind::Login { user: "bob".into() },
+    ));
+    harness.input(Input::Subscribed(Ok(())));
+    let start = harness.fetch();
+    harness.answer(&start, position(EPOCH, 3), Vec::new());
+    let read = harness.fetch();
+    assert_eq!(read.range, Some((ReadFrom::After(1), Some(3))));
+    harness.answer(&read, position(EPOCH, 3), vec![direct(2), direct(3)]);
+    let frames = phone.frames();
+    assert_eq!(frames[0]["type"], "ok");
+    assert_eq!(
+        frames[0]["data"],
+        serde_json::json!({"user": "bob", "inbox": {"epoch": EPOCH, "offset": 3, "recovered": true}})
+    );
+    let pushed: Vec<u64> = frames[1..]
+        .iter()
+        .map(|f| f["offset"].as_u64().unwrap())
+        .collect();
+    assert_eq!(pushed, [2, 3]);
+    assert!(frames[1..].iter().all(|f| f["type"] == "direct"));
+    assert_eq!(
+        harness.sequencer.pushed(),
+        Some(&(EPOCH.into(), 3)),
+        "to remember as seen"
+    );
+    // A connection logged in by its token gets only the pushes.
+    let mut laptop = Client::new(2);
+    harness.input(login(&mut laptop, Some((2, EPOCH)), ReplyKind::Silent));
+    let read = harness.fetch();
+    harness.answer(&read, position(EPOCH, 3), vec![direct(3)]);
+    let frames = laptop.frames();
+    assert_eq!(frames.len(), 1);
+    assert_eq!(
+        (frames[0]["type"].as_str(), frames[0]["offset"].as_u64()),
+        (Some("direct"), Some(3))
+    );
+    assert!(laptop.joined().unwrap().is_ok());
+}
+
+#[test]
+fn an_inbox_without_an_epoch_is_joined_and_its_first_message_starts_one() {
+    let mut harness = Harness::of(StreamId::inbox("bob"));
+    let mut phone = Client::new(1);
+    harness.input(login(
+        &mut phone,
+        None,
+        ReplyKind::Login { user: "bob".into() },
+    ));
+    harness.input(Input::Subscribed(Ok(())));
+    let start = harness.fetch();
+    // No epoch could be started (PostgreSQL down): bob logs in all the same.
+    harness.answer(&start, None, Vec::new());
+    let reply = phone.frames();
+    assert_eq!(reply[0]["data"]["inbox"]["offset"], 0);
+    assert!(phone.joined().unwrap().is_ok());
+    // The first message (of an epoch started after 100) is read from the start.
+    harness.input(Input::Live {
+        offset: 101,
+        epoch: "e9".into(),
+        frame: SharedFrame::new(direct(101)),
+    });
+    let fill = harness.fetch();
+    assert_eq!(fill.range, Some((ReadFrom::Start, None)));
+    harness.answer(&fill, position("e9", 101), vec![direct(101)]);
+    let pushed = phone.frames();
+    assert_eq!(pushed.len(), 1, "{pushed:?}");
+    assert_eq!(pushed[0]["offset"], 101);
 }

@@ -6,7 +6,11 @@
 //! * [`bench`]: `chatctl bench`, load generation with HDR histograms;
 //! * [`procstat`] and [`limits`]: what `/proc` and `getrlimit` say, for both.
 
+pub mod bots;
+pub mod chat;
+pub mod client;
 pub mod limits;
 pub mod procstat;
 pub mod shutdown;
 pub mod stack;
+pub mod token;

@@ -1,5 +1,6 @@
 //! The subcommands: option parsing and what each prints. The work is in the library.
 
+mod client;
 mod stack;
 
 use std::process::ExitCode;
@@ -23,6 +24,16 @@ enum Command {
     Down(stack::DownArgs),
     /// Show the stack: URLs, processes, readiness, restarts.
     Status(stack::StatusArgs),
+    /// Print a JWT for a user of a stack running with --auth jwt.
+    Token(client::TokenArgs),
+    /// Interactive chat: users, channels, subscribe, publish, direct messages.
+    Chat(client::ChatArgs),
+    /// Publish messages (arguments, or one per line of stdin).
+    Publish(client::PublishArgs),
+    /// Stream a channel's messages as lines or JSON; reconnects and recovers by offset.
+    Subscribe(client::SubscribeArgs),
+    /// Bots that log in as bot_XXXXX and publish to random channels.
+    Bots(client::BotsArgs),
 }
 
 impl Command {
@@ -56,5 +67,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Up(config) => stack::up(config).await,
         Command::Down(args) => stack::down(args).await,
         Command::Status(args) => stack::status(args).await,
+        Command::Token(args) => client::token(args),
+        Command::Chat(args) => client::chat(args).await,
+        Command::Publish(args) => client::publish(args).await,
+        Command::Subscribe(args) => client::subscribe(args).await,
+        Command::Bots(args) => client::bots(args).await,
     }
 }

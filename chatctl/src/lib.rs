@@ -6,6 +6,7 @@
 //! * [`bench`]: `chatctl bench`, load generation with HDR histograms;
 //! * [`procstat`] and [`limits`]: what `/proc` and `getrlimit` say, for both.
 
+pub mod bench;
 pub mod bots;
 pub mod chat;
 pub mod client;

@@ -1,5 +1,6 @@
 //! The subcommands: option parsing and what each prints. The work is in the library.
 
+mod bench;
 mod client;
 mod stack;
 
@@ -34,6 +35,10 @@ enum Command {
     Subscribe(client::SubscribeArgs),
     /// Bots that log in as bot_XXXXX and publish to random channels.
     Bots(client::BotsArgs),
+    /// Benchmarks with HDR latency histograms, loss/duplicate/order checks, CPU and memory
+    /// per server process; they start their own stack unless given --url or --stack.
+    #[command(subcommand)]
+    Bench(bench::Bench),
 }
 
 impl Command {
@@ -72,5 +77,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Publish(args) => client::publish(args).await,
         Command::Subscribe(args) => client::subscribe(args).await,
         Command::Bots(args) => client::bots(args).await,
+        Command::Bench(bench) => bench::run(bench).await,
     }
 }

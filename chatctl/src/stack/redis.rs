@@ -20,7 +20,8 @@ pub enum Fsync {
 }
 
 impl Fsync {
-    fn as_str(self) -> &'static str {
+    /// The `appendfsync` value.
+    pub fn as_str(self) -> &'static str {
         match self {
             Fsync::Always => "always",
             Fsync::Everysec => "everysec",

@@ -123,12 +123,18 @@ pub fn parse(line: &str) -> Result<Input, String> {
     })
 }
 
-/// What the prompt shows and plain text targets.
+/// What the prompt shows and plain text targets, and the direct messages already shown.
 #[derive(Debug, Default)]
 struct Current {
     channel: Option<String>,
     subscribed: Vec<String>,
+    /// Ids of direct messages this client sent and printed on their acknowledgement: their
+    /// echo (pushed to all of the sender's connections) is not printed twice.
+    sent: std::collections::VecDeque<uuid::Uuid>,
 }
+
+/// How many sent direct-message ids are remembered.
+const SENT_MEMORY: usize = 256;
 
 /// Prints above the input line (through the line editor) or, without a terminal, to stdout.
 /// Lines go through a bounded queue to one printing thread, so slow terminals hold up no task.
@@ -250,7 +256,18 @@ async fn execute(
                         .await
                 }
             },
-            Input::Direct { to, text } => handle.message(&to, &text).await?,
+            Input::Direct { to, text } => {
+                let msg_id = handle.message(&to, &text).await?;
+                if let Ok(mut c) = current.lock() {
+                    if c.sent.len() == SENT_MEMORY {
+                        c.sent.pop_front();
+                    }
+                    c.sent.push_back(msg_id);
+                }
+                let now = chatcluster_protocol::entry::Timestamp::now();
+                out.line(format!("[{}] you → @{to}: {text}", format::clock(now)))
+                    .await;
+            }
             Input::Who(channel) => match channel.or_else(current_channel) {
                 Some(channel) => {
                     let users = handle.presence(&channel).await?;
@@ -359,6 +376,8 @@ pub async fn run(
                 }
             }
             event = events.recv() => match event {
+                Some(crate::client::Event::Direct(d))
+                    if current.lock().is_ok_and(|c| c.sent.contains(&d.msg_id)) => {}
                 Some(event) => out.line(format::event(&event, &user)).await,
                 None => {
                     out.line("! session ended").await;

@@ -5,7 +5,8 @@ use chatcluster_protocol::frame::{ChannelMessage, DirectMessage, PresenceChange,
 
 use super::session::{Event, Recovery};
 
-fn time(ts: Timestamp) -> String {
+/// `12:00:01`, local time.
+pub fn clock(ts: Timestamp) -> String {
     ts.to_datetime()
         .with_timezone(&chrono::Local)
         .format("%H:%M:%S")
@@ -14,15 +15,15 @@ fn time(ts: Timestamp) -> String {
 
 /// `[12:00:01] #geral <alice> Olá!`
 pub fn message(m: &ChannelMessage) -> String {
-    format!("[{}] #{} <{}> {}", time(m.ts), m.channel, m.user, m.text)
+    format!("[{}] #{} <{}> {}", clock(m.ts), m.channel, m.user, m.text)
 }
 
 /// `[12:00:01] @alice → you: Oi!` or `[12:00:01] you → @bob: Oi!`.
 pub fn direct(d: &DirectMessage, me: &str) -> String {
     if d.from == me {
-        format!("[{}] you → @{}: {}", time(d.ts), d.to, d.text)
+        format!("[{}] you → @{}: {}", clock(d.ts), d.to, d.text)
     } else {
-        format!("[{}] @{} → you: {}", time(d.ts), d.from, d.text)
+        format!("[{}] @{} → you: {}", clock(d.ts), d.from, d.text)
     }
 }
 

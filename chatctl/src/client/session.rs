@@ -218,15 +218,16 @@ impl SessionHandle {
         decode_data(data)
     }
 
-    /// `message` (direct message).
-    pub async fn message(&self, to: &str, text: &str) -> Result<(), ClientError> {
-        self.request(RawRequest {
-            to: Some(to.to_owned()),
-            text: Some(text.to_owned()),
-            ..request("message")
-        })
-        .await
-        .map(drop)
+    /// `message` (direct message); returns its id.
+    pub async fn message(&self, to: &str, text: &str) -> Result<uuid::Uuid, ClientError> {
+        let data = self
+            .request(RawRequest {
+                to: Some(to.to_owned()),
+                text: Some(text.to_owned()),
+                ..request("message")
+            })
+            .await?;
+        Ok(decode_data::<chatcluster_protocol::frame::DirectReply>(data)?.msg_id)
     }
 
     /// `presence`.

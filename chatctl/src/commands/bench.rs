@@ -27,9 +27,9 @@ fn emit<T: serde::Serialize>(
     table: impl FnOnce(&T) -> String,
 ) -> anyhow::Result<()> {
     if json {
-        println!("{}", serde_json::to_string_pretty(value)?);
+        say!("{}", serde_json::to_string_pretty(value)?);
     } else {
-        print!("{}", table(value));
+        say!("{}", table(value).trim_end());
     }
     Ok(())
 }

@@ -96,7 +96,7 @@ pub fn token(args: TokenArgs) -> anyhow::Result<ExitCode> {
         }
     };
     let channels = (!args.channels.is_empty()).then_some(args.channels);
-    println!(
+    say!(
         "{}",
         chatctl::token::mint(&secret, &args.user, args.ttl, channels)?
     );
@@ -160,10 +160,12 @@ pub async fn publish(args: PublishArgs) -> anyhow::Result<ExitCode> {
     for text in texts {
         let text = text.context("reading stdin")?;
         match session.handle.publish(&args.channel, &text).await {
-            Ok(reply) if args.json => println!("{}", serde_json::to_string(&reply)?),
-            Ok(reply) => println!(
+            Ok(reply) if args.json => say!("{}", serde_json::to_string(&reply)?),
+            Ok(reply) => say!(
                 "#{} offset {} {}",
-                reply.channel, reply.offset, reply.msg_id
+                reply.channel,
+                reply.offset,
+                reply.msg_id
             ),
             Err(e) => {
                 failed += 1;
@@ -287,7 +289,7 @@ pub async fn subscribe(args: SubscribeArgs) -> anyhow::Result<ExitCode> {
 
 fn print_event(event: &Event, me: &str, json: bool) -> anyhow::Result<()> {
     if !json {
-        println!("{}", format::event(event, me));
+        say!("{}", format::event(event, me));
         return Ok(());
     }
     let frame: ServerFrame = match event.clone() {
@@ -296,7 +298,7 @@ fn print_event(event: &Event, me: &str, json: bool) -> anyhow::Result<()> {
         Event::Presence(p) => ServerFrame::Presence(p),
         _ => return Ok(()),
     };
-    println!("{}", serde_json::to_string(&frame)?);
+    say!("{}", serde_json::to_string(&frame)?);
     Ok(())
 }
 
@@ -389,7 +391,7 @@ pub async fn bots(args: BotsArgs) -> anyhow::Result<ExitCode> {
             eprintln!("a bot stopped: {e}");
         }
     }
-    println!(
+    say!(
         "bots: {} messages sent in {:.1}s, {} errors, {failures} bots failed",
         stats.sent.load(Ordering::Relaxed),
         started.elapsed().as_secs_f64(),

@@ -1,5 +1,13 @@
 //! The subcommands: option parsing and what each prints. The work is in the library.
 
+/// Prints a line of command output on stdout; a closed pipe (`chatctl status | head -1`)
+/// ends the process quietly instead of panicking.
+macro_rules! say {
+    ($($arg:tt)*) => {
+        $crate::commands::print_line(format_args!($($arg)*))
+    };
+}
+
 mod bench;
 mod client;
 mod stack;
@@ -46,6 +54,17 @@ impl Command {
     /// printing results.
     fn is_service(&self) -> bool {
         matches!(self, Command::Up(_))
+    }
+}
+
+/// Writes one line to stdout; exits quietly when the reader has gone.
+pub fn print_line(line: std::fmt::Arguments<'_>) {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = writeln!(out, "{line}").and_then(|()| out.flush())
+        && e.kind() == std::io::ErrorKind::BrokenPipe
+    {
+        std::process::exit(0);
     }
 }
 

@@ -43,51 +43,51 @@ fn admin_url(child: &ChildInfo) -> String {
 
 fn print_banner(info: &StackInfo) {
     let dir = info.state_dir.display();
-    println!("\nchatcluster is running (state {dir})");
+    say!("\nchatcluster is running (state {dir})");
     if let (Some(page), Some(ws)) = (&info.page_url, &info.ws_url) {
-        println!("  web chat     {page}");
-        println!("  WebSocket    {ws}");
+        say!("  web chat     {page}");
+        say!("  WebSocket    {ws}");
     }
     if let (Some(stats), Some(metrics)) = (&info.stats_url, &info.metrics_url) {
-        println!("  HAProxy      {stats}   metrics {metrics}");
+        say!("  HAProxy      {stats}   metrics {metrics}");
     }
     for (label, role) in [("gateways", Role::Gateway), ("workers", Role::Worker)] {
         for (i, child) in info.of_role(role).enumerate() {
             let label = if i == 0 { label } else { "" };
             let pid = child.pid.unwrap_or(0);
-            println!(
+            say!(
                 "  {label:<12} {:<10} pid {pid:<7} metrics {}",
                 child.name,
                 admin_url(child)
             );
         }
     }
-    println!(
+    say!(
         "  Redis        127.0.0.1:{} (password in {dir}/secrets/redis-password)",
         info.redis_port
     );
     if let Some(port) = info.postgres_port {
-        println!(
+        say!(
             "  PostgreSQL   127.0.0.1:{port}, user chatcluster, database postgres (password in {dir}/secrets/postgres-password)"
         );
     }
     if info.auth == "jwt" {
-        println!(
+        say!(
             "  auth         jwt: `chatctl token --user alice` prints a token; open the page with ?token=<token>"
         );
     }
-    println!("  logs         {}", info.log_dir.display());
-    println!("Ctrl-C here or `chatctl down` stops it.");
+    say!("  logs         {}", info.log_dir.display());
+    say!("Ctrl-C here or `chatctl down` stops it.");
 }
 
 fn print_report(report: &ShutdownReport) {
     for child in &report.children {
         let mark = if child.clean { "ok " } else { "!! " };
-        println!("  {mark} {:<10} {}", child.name, child.detail);
+        say!("  {mark} {:<10} {}", child.name, child.detail);
     }
     match report.postgres_clean {
-        Some(true) => println!("  ok  postgres log: database system is shut down"),
-        Some(false) => println!("  !!  postgres log shows no normal shutdown"),
+        Some(true) => say!("  ok  postgres log: database system is shut down"),
+        Some(false) => say!("  !!  postgres log shows no normal shutdown"),
         None => {}
     }
 }
@@ -97,7 +97,7 @@ pub async fn up(config: StackConfig) -> anyhow::Result<ExitCode> {
     let stack = Stack::start(&config).await?;
     print_banner(stack.info());
     let report = stack.run(chatctl::shutdown::requested()).await;
-    println!("stopped:");
+    say!("stopped:");
     print_report(&report);
     Ok(if report.clean() {
         ExitCode::SUCCESS
@@ -112,7 +112,7 @@ pub async fn down(args: DownArgs) -> anyhow::Result<ExitCode> {
     eprintln!("stopping the stack in {} ...", dir.display());
     match control::down(&dir, args.timeout).await? {
         Down::Stopped(Some(report)) => {
-            println!("stopped:");
+            say!("stopped:");
             print_report(&report);
             Ok(if report.clean() {
                 ExitCode::SUCCESS
@@ -121,18 +121,18 @@ pub async fn down(args: DownArgs) -> anyhow::Result<ExitCode> {
             })
         }
         Down::Stopped(None) => {
-            println!("stopped");
+            say!("stopped");
             Ok(ExitCode::SUCCESS)
         }
         Down::Leftovers(names) => {
-            println!(
+            say!(
                 "no chatctl was running, but it had left {} running; stopped them",
                 names.join(", ")
             );
             Ok(ExitCode::SUCCESS)
         }
         Down::NothingRunning => {
-            println!("no stack is running in {}", dir.display());
+            say!("no stack is running in {}", dir.display());
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -145,11 +145,11 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
     let status = control::status(&dir).await;
     let healthy = status.running && status.children.iter().all(|c| c.ready);
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&status)?);
+        say!("{}", serde_json::to_string_pretty(&status)?);
     } else if !status.running {
-        println!("no stack is running in {}", dir.display());
+        say!("no stack is running in {}", dir.display());
     } else if let Some(info) = &status.stack {
-        println!(
+        say!(
             "stack in {} ({:?}, chatctl pid {}, since {})",
             dir.display(),
             info.phase,
@@ -157,17 +157,21 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
             info.started_at
         );
         if let Some(page) = &info.page_url {
-            println!(
+            say!(
                 "  web chat {page}   stats {}",
                 info.stats_url.as_deref().unwrap_or("")
             );
         }
-        println!(
+        say!(
             "  {:<10} {:<8} {:<6} {:>8} {:>9}  last exit",
-            "process", "pid", "ready", "restarts", "rss"
+            "process",
+            "pid",
+            "ready",
+            "restarts",
+            "rss"
         );
         for child in &status.children {
-            println!(
+            say!(
                 "  {:<10} {:<8} {:<6} {:>8} {:>7} M  {}",
                 child.name,
                 child

@@ -45,6 +45,39 @@ pub fn sample(pid: u32) -> Option<Sample> {
     })
 }
 
+/// The parent of `pid`.
+fn parent(pid: u32) -> Option<u32> {
+    stat_fields(pid)?.get(1)?.parse().ok()
+}
+
+/// `pid` and every process below it (PostgreSQL's backends are children of the postmaster).
+pub fn tree(pid: u32) -> Vec<u32> {
+    let all: Vec<(u32, u32)> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|p| Some((p, parent(p)?)))
+        .collect();
+    let mut found = vec![pid];
+    let mut i = 0;
+    while i < found.len() {
+        let current = found[i];
+        found.extend(all.iter().filter(|(_, parent)| *parent == current).map(|(p, _)| *p));
+        i += 1;
+    }
+    found
+}
+
+/// CPU time and RSS of `pid` and its descendants together, or `None` when `pid` is gone.
+pub fn tree_sample(pid: u32) -> Option<Sample> {
+    let own = sample(pid)?;
+    Some(tree(pid).into_iter().skip(1).filter_map(sample).fold(own, |sum, s| Sample {
+        cpu: sum.cpu + s.cpu,
+        rss_bytes: sum.rss_bytes + s.rss_bytes,
+    }))
+}
+
 /// Resident set size of `pid` in bytes (`VmRSS`).
 pub fn rss_bytes(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -95,6 +128,20 @@ mod tests {
         assert!(!is_same_process(pid, started + 1));
         assert!(open_file_limit(pid).expect("limits") > 0);
         assert!(command_name(pid).is_some());
+    }
+
+    #[test]
+    fn a_tree_includes_children() {
+        let mut child = std::process::Command::new("sleep").arg("5").spawn().expect("spawn");
+        let me = std::process::id();
+        let tree = tree(me);
+        assert_eq!(tree[0], me);
+        assert!(tree.contains(&child.id()), "{tree:?}");
+        let own = sample(me).expect("own");
+        let all = tree_sample(me).expect("tree");
+        assert!(all.rss_bytes > own.rss_bytes);
+        let _ = child.kill();
+        let _ = child.wait();
     }
 
     #[test]

@@ -22,8 +22,9 @@
 
 import { createRequire } from 'node:module';
 import { execFileSync, spawn } from 'node:child_process';
-import { mkdirSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import http from 'node:http';
+import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -36,6 +37,7 @@ const require = createRequire(path.join(process.env.PLAYWRIGHT_DIR || '/tmp/webt
 const { chromium } = require('playwright-core');
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 mkdirSync(OUT, { recursive: true });
+for (const old of readdirSync(OUT).filter((f) => f.endsWith('.png'))) rmSync(path.join(OUT, old));
 
 let passed = 0, failed = 0;
 async function check(name, fn) {
@@ -46,11 +48,15 @@ function assert(cond, msg) { if (!cond) throw new Error(msg); }
 // ---- the stack (chatctl up) -------------------------------------------------
 const stateDir = mkdtempSync(path.join(os.tmpdir(), 'chatcluster-webtest-'));
 let up = null;
-function chatctl(...args) { return execFileSync(CHATCTL, [...args, '--state-dir', stateDir], { encoding: 'utf8' }); }
 function stack() { return JSON.parse(readFileSync(path.join(stateDir, 'stack.json'), 'utf8')); }
 function child(name) { return stack().children.find((c) => c.name === name); }
+const freePort = () => new Promise((resolve) => {
+  const s = net.createServer().listen(0, '127.0.0.1', () => { const { port } = s.address(); s.close(() => resolve(port)); });
+});
 async function startStack() {
-  up = spawn(CHATCTL, ['up', '--state-dir', stateDir, '--gateways', '2', '--drain-timeout', '1s'], { stdio: ['ignore', 'ignore', 'inherit'] });
+  const [port, stats] = [await freePort(), await freePort()];
+  up = spawn(CHATCTL, ['up', '--state-dir', stateDir, '--gateways', '2', '--drain-timeout', '1s',
+    '--port', String(port), '--stats-port', String(stats)], { stdio: ['ignore', 'ignore', 'inherit'] });
   const exited = new Promise((r) => up.once('exit', (code) => r(code)));
   for (let i = 0; i < 600; i++) {
     const code = await Promise.race([exited, sleep(200).then(() => null)]);
@@ -157,12 +163,16 @@ async function main() {
       assert(await alice.isVisible('#login-form'), 'left the login screen');
     });
     await check('alice and bob log in, each on another gateway', async () => {
+      const count = async () => [await connections('gateway-0'), await connections('gateway-1')];
+      const before = await count();
       await login(alice, 'alice');
-      const first = [await connections('gateway-0'), await connections('gateway-1')];
+      const first = await count();
       await login(bob, 'bob');
-      const both = [await connections('gateway-0'), await connections('gateway-1')];
-      assert(both[0] === 1 && both[1] === 1, `connections per gateway ${both}, expected 1 and 1`);
-      aliceGateway = first[0] === 1 ? 'gateway-0' : 'gateway-1';
+      const both = await count();
+      const added = (a, b) => [a[0] - b[0], a[1] - b[1]].join(',');
+      assert(['1,0', '0,1'].includes(added(first, before)), `alice added ${added(first, before)} connections`);
+      assert(added(both, first) === (added(first, before) === '1,0' ? '0,1' : '1,0'), `bob added ${added(both, first)}: same gateway as alice`);
+      aliceGateway = first[0] > before[0] ? 'gateway-0' : 'gateway-1';
       console.log(`#   alice is on ${aliceGateway}`);
     });
     await check('both join #geral', async () => { await join(alice, geral); await join(bob, geral); });
@@ -263,6 +273,7 @@ async function main() {
     await check(`SIGKILL of alice's gateway: both pages back within 3 s of its restart, missed messages once`, async () => {
       const gw = child(aliceGateway);
       const restarts = gw.restarts;
+      await alice.waitForSelector('#conn[data-state=online]', { timeout: 5000 });
       const aliceDropped = alice.evaluate(() => new Promise((r) => window.__chatcluster.ws.addEventListener('close', (e) => r(e.code))));
       process.kill(gw.pid, 'SIGKILL');
       const code = await aliceDropped;

@@ -1,5 +1,7 @@
 //! CPU time and memory of the server processes (and of the load generator itself) over a
-//! benchmark's measured window, from `/proc`.
+//! benchmark's measured window, from `/proc`. A process counts with its descendants
+//! (PostgreSQL works in backends forked by the postmaster); children that end within the
+//! window are not counted.
 
 use std::time::Instant;
 
@@ -28,7 +30,28 @@ pub struct Usage {
 #[derive(Debug)]
 pub struct Window {
     started: Instant,
-    procs: Vec<(String, u32, Option<procstat::Sample>, u64)>,
+    procs: Vec<Measured>,
+}
+
+#[derive(Debug)]
+struct Measured {
+    name: String,
+    pid: u32,
+    /// Count the descendants too (not for the load generator: a stack it started is its
+    /// children).
+    tree: bool,
+    before: Option<procstat::Sample>,
+    peak: u64,
+}
+
+impl Measured {
+    fn sample(&self) -> Option<procstat::Sample> {
+        if self.tree {
+            procstat::tree_sample(self.pid)
+        } else {
+            procstat::sample(self.pid)
+        }
+    }
 }
 
 /// The load generator's own entry.
@@ -37,26 +60,38 @@ pub const GENERATOR: &str = "chatctl (load generator)";
 impl Window {
     /// Starts measuring `procs` and this process.
     pub fn begin(procs: &[(String, u32)]) -> Self {
-        let mut all: Vec<(String, u32)> = procs.to_vec();
-        all.push((GENERATOR.to_owned(), std::process::id()));
+        let mut all: Vec<Measured> = procs
+            .iter()
+            .map(|(name, pid)| Measured {
+                name: name.clone(),
+                pid: *pid,
+                tree: true,
+                before: None,
+                peak: 0,
+            })
+            .collect();
+        all.push(Measured {
+            name: GENERATOR.to_owned(),
+            pid: std::process::id(),
+            tree: false,
+            before: None,
+            peak: 0,
+        });
+        for m in &mut all {
+            m.before = m.sample();
+            m.peak = m.before.map_or(0, |s| s.rss_bytes);
+        }
         Self {
             started: Instant::now(),
-            procs: all
-                .into_iter()
-                .map(|(name, pid)| {
-                    let sample = procstat::sample(pid);
-                    let rss = sample.map_or(0, |s| s.rss_bytes);
-                    (name, pid, sample, rss)
-                })
-                .collect(),
+            procs: all,
         }
     }
 
     /// Records peak memory; call now and then.
     pub fn sample_peaks(&mut self) {
-        for (_, pid, _, peak) in &mut self.procs {
-            if let Some(rss) = procstat::rss_bytes(*pid) {
-                *peak = (*peak).max(rss);
+        for m in &mut self.procs {
+            if let Some(now) = m.sample() {
+                m.peak = m.peak.max(now.rss_bytes);
             }
         }
     }
@@ -68,19 +103,19 @@ impl Window {
         let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
         self.procs
             .into_iter()
-            .map(|(name, pid, before, peak)| {
-                let now = procstat::sample(pid);
-                let cpu = match (before, now) {
+            .map(|m| {
+                let now = m.sample();
+                let cpu = match (m.before, now) {
                     (Some(b), Some(n)) => n.cpu.saturating_sub(b.cpu).as_secs_f64(),
                     _ => 0.0,
                 };
                 Usage {
-                    name,
-                    pid,
+                    name: m.name,
+                    pid: m.pid,
                     cpu_seconds: cpu,
                     cpu_percent: 100.0 * cpu / wall,
                     rss_mib: mib(now.map_or(0, |s| s.rss_bytes)),
-                    peak_rss_mib: mib(peak),
+                    peak_rss_mib: mib(m.peak),
                 }
             })
             .collect()

@@ -63,7 +63,11 @@ pub fn tree(pid: u32) -> Vec<u32> {
     let mut i = 0;
     while i < found.len() {
         let current = found[i];
-        found.extend(all.iter().filter(|(_, parent)| *parent == current).map(|(p, _)| *p));
+        found.extend(
+            all.iter()
+                .filter(|(_, parent)| *parent == current)
+                .map(|(p, _)| *p),
+        );
         i += 1;
     }
     found
@@ -72,10 +76,16 @@ pub fn tree(pid: u32) -> Vec<u32> {
 /// CPU time and RSS of `pid` and its descendants together, or `None` when `pid` is gone.
 pub fn tree_sample(pid: u32) -> Option<Sample> {
     let own = sample(pid)?;
-    Some(tree(pid).into_iter().skip(1).filter_map(sample).fold(own, |sum, s| Sample {
-        cpu: sum.cpu + s.cpu,
-        rss_bytes: sum.rss_bytes + s.rss_bytes,
-    }))
+    Some(
+        tree(pid)
+            .into_iter()
+            .skip(1)
+            .filter_map(sample)
+            .fold(own, |sum, s| Sample {
+                cpu: sum.cpu + s.cpu,
+                rss_bytes: sum.rss_bytes + s.rss_bytes,
+            }),
+    )
 }
 
 /// Resident set size of `pid` in bytes (`VmRSS`).
@@ -132,7 +142,10 @@ mod tests {
 
     #[test]
     fn a_tree_includes_children() {
-        let mut child = std::process::Command::new("sleep").arg("5").spawn().expect("spawn");
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .expect("spawn");
         let me = std::process::id();
         let tree = tree(me);
         assert_eq!(tree[0], me);

@@ -19,7 +19,7 @@ use chatcluster_protocol::frame::{RawRequest, RequestId, ServerFrame};
 use futures_util::{SinkExt as _, StreamExt as _};
 use serde::Serialize;
 use serde_json::Value;
-use tokio::sync::watch;
+use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
 
 use super::histogram::{Latencies, Summary};
@@ -92,10 +92,10 @@ impl Plan {
     }
 }
 
-/// Where a run stands; subscribers watch it.
+/// What the coordinator tells each subscriber, through a queue of its own (a shared
+/// watch or token would be polled under one lock by every subscriber for every message).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
-    Publishing,
     /// Publishing ended; the expected ranges are known.
     Draining,
     Stop,
@@ -112,7 +112,6 @@ struct Shared {
     base: Vec<AtomicU64>,
     delivered: AtomicU64,
     complete: AtomicUsize,
-    phase: watch::Sender<Phase>,
 }
 
 impl Shared {
@@ -339,13 +338,14 @@ async fn subscriber(
     channel: usize,
     mut ws: Ws,
     base: u64,
+    mut control: mpsc::Receiver<Phase>,
 ) -> SubscriberStats {
     let encoding = shared.plan.encoding;
     let expected_guess = (shared.plan.rate_per_channel * shared.plan.duration.as_secs_f64()) as u64;
     let mut seen = Seen::new(base, expected_guess);
     let mut stats = SubscriberStats::default();
     let mut recorder = shared.latencies.recorder(index);
-    let mut phase = shared.phase.subscribe();
+    let mut draining = false;
     let mut unreported = 0u64;
     let mut complete = false;
     let target_of = |shared: &Shared| {
@@ -354,20 +354,21 @@ async fn subscriber(
             .saturating_sub(base)
     };
     loop {
-        let draining = *phase.borrow() == Phase::Draining;
         if draining && !complete && seen.seen_within(target_of(&shared)) >= target_of(&shared) {
             complete = true;
             shared.complete.fetch_add(1, Ordering::Relaxed);
         }
         let message = tokio::select! {
+            // Frames first: the control queue is looked at only when the socket has nothing.
             biased;
-            changed = phase.changed() => {
-                if changed.is_err() || *phase.borrow() == Phase::Stop {
-                    break;
-                }
-                continue;
-            }
             message = ws.next() => message,
+            phase = control.recv() => match phase {
+                Some(Phase::Draining) => {
+                    draining = true;
+                    continue;
+                }
+                Some(Phase::Stop) | None => break,
+            },
         };
         let message = match message {
             Some(Ok(Message::Close(frame))) => {
@@ -429,7 +430,7 @@ pub struct Published {
     pub acked: u64,
     /// Error replies, by code.
     pub errors: std::collections::BTreeMap<String, u64>,
-    /// Messages acknowledged per second over the publishing time.
+    /// Messages acknowledged per second, from the first publish to the last acknowledgement.
     pub per_second: f64,
     /// Publish → acknowledgement.
     pub ack_latency: Summary,
@@ -574,7 +575,6 @@ pub async fn run(
     if plan.subscribe_targets.is_empty() || plan.publish_targets.is_empty() || plan.channels == 0 {
         return Err(BenchError::Invalid("nothing to connect to".to_owned()));
     }
-    let (phase, _) = watch::channel(Phase::Publishing);
     let shared = Arc::new(Shared {
         epoch: Instant::now(),
         latencies: Latencies::default(),
@@ -583,7 +583,6 @@ pub async fn run(
         base: (0..plan.channels).map(|_| AtomicU64::new(0)).collect(),
         delivered: AtomicU64::new(0),
         complete: AtomicUsize::new(0),
-        phase,
         plan,
     });
     let plan = &shared.plan;
@@ -593,6 +592,12 @@ pub async fn run(
     let connect_started = Instant::now();
     let opened = AtomicUsize::new(0);
     let mut readers = tokio::task::JoinSet::new();
+    let mut controls: Vec<mpsc::Sender<Phase>> = Vec::with_capacity(total);
+    let tell = |controls: &[mpsc::Sender<Phase>], phase: Phase| {
+        for control in controls {
+            let _ = control.try_send(phase);
+        }
+    };
     let mut failures = Vec::new();
     {
         let mut connecting = futures_util::stream::iter(0..total)
@@ -620,7 +625,9 @@ pub async fn run(
                 next = connecting.next() => match next {
                     Some((i, channel, Ok((ws, base)))) => {
                         shared.base[channel].store(base, Ordering::Relaxed);
-                        readers.spawn(subscriber(shared.clone(), i, channel, ws, base));
+                        let (control, listen) = mpsc::channel(2);
+                        controls.push(control);
+                        readers.spawn(subscriber(shared.clone(), i, channel, ws, base, listen));
                     }
                     Some((i, _, Err(e))) => failures.push(format!("subscriber {i}: {e}")),
                     None => break,
@@ -633,7 +640,7 @@ pub async fn run(
         }
     }
     if let Some(first) = failures.first() {
-        let _ = shared.phase.send(Phase::Stop);
+        tell(&controls, Phase::Stop);
         return Err(BenchError::Connect(format!(
             "{} of {total} subscribers failed; first: {first}",
             failures.len()
@@ -699,7 +706,7 @@ pub async fn run(
     published.ack_latency = shared.ack_latencies.summary();
 
     // 4. Drain: wait until every subscriber has its whole acknowledged range, or the deadline.
-    let _ = shared.phase.send(Phase::Draining);
+    tell(&controls, Phase::Draining);
     let drain_deadline = Instant::now() + plan.drain;
     let subscribers = readers.len();
     while shared.complete.load(Ordering::Relaxed) < subscribers && Instant::now() < drain_deadline {
@@ -711,7 +718,7 @@ pub async fn run(
             &format!("draining: {done}/{subscribers} subscribers have everything"),
         );
     }
-    let _ = shared.phase.send(Phase::Stop);
+    tell(&controls, Phase::Stop);
     let processes = window.end();
     progress.finish();
 

@@ -80,6 +80,17 @@ fn print_banner(info: &StackInfo) {
     say!("Ctrl-C here or `chatctl down` stops it.");
 }
 
+/// Prints how the stack stopped; failure unless everything stopped cleanly.
+fn report_exit(report: &ShutdownReport) -> ExitCode {
+    say!("stopped:");
+    print_report(report);
+    if report.clean() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
 fn print_report(report: &ShutdownReport) {
     for child in &report.children {
         let mark = if child.clean { "ok " } else { "!! " };
@@ -97,13 +108,7 @@ pub async fn up(config: StackConfig) -> anyhow::Result<ExitCode> {
     let stack = Stack::start(&config).await?;
     print_banner(stack.info());
     let report = stack.run(chatctl::shutdown::requested()).await;
-    say!("stopped:");
-    print_report(&report);
-    Ok(if report.clean() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    Ok(report_exit(&report))
 }
 
 /// `chatctl down`.
@@ -111,15 +116,7 @@ pub async fn down(args: DownArgs) -> anyhow::Result<ExitCode> {
     let dir = state_dir(args.state_dir);
     eprintln!("stopping the stack in {} ...", dir.display());
     match control::down(&dir, args.timeout).await? {
-        Down::Stopped(Some(report)) => {
-            say!("stopped:");
-            print_report(&report);
-            Ok(if report.clean() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            })
-        }
+        Down::Stopped(Some(report)) => Ok(report_exit(&report)),
         Down::Stopped(None) => {
             say!("stopped");
             Ok(ExitCode::SUCCESS)

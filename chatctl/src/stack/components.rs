@@ -63,9 +63,32 @@ pub fn gateway(
     if let (Auth::Jwt, Some(secret)) = (config.auth, &backends.jwt_secret) {
         env.push(("JWT_SECRET".to_owned(), secret.clone()));
     }
+    served(
+        Role::Gateway,
+        format!("gateway-{index}"),
+        program,
+        (args, env),
+        admin_port,
+        (
+            Duration::from_secs(30),
+            config.drain_timeout + Duration::from_secs(10),
+        ),
+    )
+}
+
+/// A gateway or worker: ready when its admin port's `/ready` answers 200, stopped with
+/// SIGTERM. `timeouts` are (start, stop).
+fn served(
+    role: Role,
+    name: String,
+    program: &Path,
+    (args, env): (Vec<OsString>, Vec<(String, String)>),
+    admin_port: u16,
+    (start_timeout, stop_timeout): (Duration, Duration),
+) -> ChildSpec {
     ChildSpec {
-        name: format!("gateway-{index}"),
-        role: Role::Gateway,
+        name,
+        role,
         program: program.to_owned(),
         args,
         env,
@@ -74,9 +97,9 @@ pub fn gateway(
             port: admin_port,
             path: "/ready",
         },
-        start_timeout: Duration::from_secs(30),
+        start_timeout,
         stop: StopRequest::Signal(Signal::SIGTERM),
-        stop_timeout: config.drain_timeout + Duration::from_secs(10),
+        stop_timeout,
     }
 }
 
@@ -101,22 +124,15 @@ pub fn worker(
     if std::env::var_os("BATCH_TIMEOUT").is_none() {
         env.push(("BATCH_TIMEOUT".to_owned(), "200ms".to_owned()));
     }
-    ChildSpec {
-        name: format!("worker-{index}"),
-        role: Role::Worker,
-        program: program.to_owned(),
-        args,
-        env,
-        run_as: None,
-        ready: Readiness::Http {
-            port: admin_port,
-            path: "/ready",
-        },
-        start_timeout: Duration::from_secs(60),
-        // SIGTERM: stop reading, finish and acknowledge the batches in hand (DRAIN_TIMEOUT 20 s).
-        stop: StopRequest::Signal(Signal::SIGTERM),
-        stop_timeout: Duration::from_secs(30),
-    }
+    // SIGTERM: stop reading, finish and acknowledge the batches in hand (DRAIN_TIMEOUT 20 s).
+    served(
+        Role::Worker,
+        format!("worker-{index}"),
+        program,
+        (args, env),
+        admin_port,
+        (Duration::from_secs(60), Duration::from_secs(30)),
+    )
 }
 
 /// `haproxy.cfg` of the stack, from the one generator the operator uses too, with fast

@@ -7,7 +7,6 @@
 //! `/var/lib/chatcluster` and not under `/root`.
 
 use std::ffi::OsString;
-use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::Path;
 use std::time::Duration;
 
@@ -148,17 +147,8 @@ pub async fn initdb(
     }
     let parent = data.parent().unwrap_or(data);
     let pwfile = parent.join("initdb-password");
-    {
-        use std::io::Write as _;
-        let mut file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .write(true)
-            .mode(0o600)
-            .open(&pwfile)
-            .map_err(io("write the initdb password file"))?;
-        writeln!(file, "{}", password.expose()).map_err(io("write the initdb password file"))?;
-    }
+    super::secrets::write_private(&pwfile, format!("{}\n", password.expose()).as_bytes())
+        .map_err(io("write the initdb password file"))?;
     if let Some(run_as) = run_as {
         std::os::unix::fs::chown(&pwfile, Some(run_as.uid), Some(run_as.gid))
             .map_err(io("chown the initdb password file"))?;

@@ -1,8 +1,6 @@
 //! `redis-server` of the local stack: append-only file in the state directory, a password,
 //! loopback only, and `SHUTDOWN` to stop (which flushes the append-only file).
 
-use std::io::Write as _;
-use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -58,13 +56,7 @@ pub fn write_config(
     password: &Secret,
 ) -> std::io::Result<PathBuf> {
     let path = dir.join("redis.conf");
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .mode(0o600)
-        .open(&path)?;
-    file.write_all(config(port, dir, fsync, password).as_bytes())?;
+    super::secrets::write_private(&path, config(port, dir, fsync, password).as_bytes())?;
     Ok(path)
 }
 

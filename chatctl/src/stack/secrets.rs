@@ -61,14 +61,19 @@ fn load_or_create(dir: &Path, name: &str) -> std::io::Result<Secret> {
         Err(e) => return Err(e),
     }
     let value = generate();
+    write_private(&path, format!("{value}\n").as_bytes())?;
+    Ok(Secret(value))
+}
+
+/// Writes `contents` to `path`, readable and writable by its owner only (mode 0600).
+pub fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     let mut file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(true)
         .write(true)
         .mode(0o600)
-        .open(&path)?;
-    writeln!(file, "{value}")?;
-    Ok(Secret(value))
+        .open(path)?;
+    file.write_all(contents)
 }
 
 impl Secrets {

@@ -58,8 +58,9 @@ ensure_packages() {
         [[ -z $answer || $answer == [yY]* ]] ||
             die "not installed; install them with: sudo apt-get install -y ${missing[*]}"
     fi
-    as_root apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends "${missing[@]}"
+    as_root apt-get update -qq || die "apt-get update failed"
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends "${missing[@]}" ||
+        die "apt-get could not install: ${missing[*]}"
     local package
     for package in "${missing[@]}"; do
         case $package in

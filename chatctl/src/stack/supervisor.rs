@@ -100,6 +100,12 @@ impl Stack {
         } else {
             0
         };
+        if workers < config.workers {
+            tracing::warn!(
+                workers = config.workers,
+                "--no-postgres: no workers run (they write to PostgreSQL)"
+            );
+        }
         let programs = Programs::find(config, &layout, workers)?;
         for index in 0..config.gateways {
             let socket = layout.gateway_socket(index);

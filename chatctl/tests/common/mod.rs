@@ -25,11 +25,28 @@ pub fn run(args: &[&str]) -> Output {
         .expect("run chatctl")
 }
 
-/// The gateway and worker binaries chatctl starts live beside it; build them (a no-op when
-/// `cargo test --workspace` already did).
+/// The gateway and worker binaries chatctl starts live beside it. `cargo test --workspace`
+/// builds them (their own tests need them); a run of only this package builds them here
+/// when they are missing or older than their sources. (Always running `cargo build` here
+/// could rebuild them with other features than the workspace test run chose.)
 fn build_servers() {
     static BUILD: Once = Once::new();
     BUILD.call_once(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let bin_dir = Path::new(env!("CARGO_BIN_EXE_chatctl"))
+            .parent()
+            .expect("bin dir")
+            .to_owned();
+        let sources = newest(&["gateway", "worker", "protocol"].map(|c| root.join(c)));
+        let fresh = ["chatcluster-gateway", "chatcluster-worker"]
+            .iter()
+            .all(|bin| {
+                modified(&bin_dir.join(bin))
+                    .is_some_and(|built| sources.is_none_or(|src| built >= src))
+            });
+        if fresh {
+            return;
+        }
         let status = Command::new(env!("CARGO"))
             .args([
                 "build",
@@ -38,11 +55,34 @@ fn build_servers() {
                 "-p",
                 "chatcluster-worker",
             ])
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .current_dir(&root)
             .status()
             .expect("run cargo build");
         assert!(status.success(), "building the gateway and worker failed");
     });
+}
+
+fn modified(path: &Path) -> Option<std::time::SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}
+
+/// The newest modification time of the files under `dirs` (skipping `target`).
+fn newest(dirs: &[PathBuf]) -> Option<std::time::SystemTime> {
+    let mut newest = None;
+    let mut stack: Vec<PathBuf> = dirs.to_vec();
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                if entry.file_name() != "target" {
+                    stack.push(path);
+                }
+            } else if let Some(time) = modified(&path) {
+                newest = newest.max(Some(time));
+            }
+        }
+    }
+    newest
 }
 
 /// A running `chatctl up`; stopped (down, then kill) on drop.

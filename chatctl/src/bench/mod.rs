@@ -265,6 +265,11 @@ impl Setup {
             "false".into(),
             "--drain-timeout".into(),
             "1s".into(),
+            // Any free ports: never a user's 8080 / 8404.
+            "--port".into(),
+            "0".into(),
+            "--stats-port".into(),
+            "0".into(),
         ];
         if !request.postgres {
             argv.push("--no-postgres".into());

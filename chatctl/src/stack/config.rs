@@ -42,10 +42,12 @@ pub struct StackConfig {
     /// Run without PostgreSQL and workers (`history` then answers `unavailable`).
     #[arg(long, env = "CHATCTL_NO_POSTGRES")]
     pub no_postgres: bool,
-    /// HAProxy's WebSocket and web page port on 127.0.0.1 [default: 8080 if free, else any free port].
+    /// HAProxy's WebSocket and web page port on 127.0.0.1; 0 for any free port
+    /// [default: 8080 if free, else any free port].
     #[arg(long, env = "CHATCTL_PORT")]
     pub port: Option<u16>,
-    /// HAProxy's stats and Prometheus port [default: 8404 if free, else any free port].
+    /// HAProxy's stats and Prometheus port; 0 for any free port [default: 8404 if free, else
+    /// any free port].
     #[arg(long, env = "CHATCTL_STATS_PORT")]
     pub stats_port: Option<u16>,
     /// Redis's port [default: a free port].

@@ -1,5 +1,9 @@
-//! Choosing loopback TCP ports: the user's when given (it must be free), else a preferred
-//! well-known one when free, else any free one.
+//! Choosing loopback TCP ports: the user's when given (it must be free; 0 means any free
+//! port), else a preferred well-known one when free, else any free one.
+//!
+//! HAProxy binds with `SO_REUSEPORT`, so two stacks started at the same moment could both
+//! get a port that was free when they looked; [`PortPicker::still_free`] checks again just
+//! before HAProxy starts.
 
 use std::net::TcpListener;
 
@@ -40,7 +44,8 @@ pub struct PortPicker {
 }
 
 impl PortPicker {
-    /// `given` (checked free), else `preferred` if free, else any free port.
+    /// `given` (checked free; `Some(0)`: any free port), else `preferred` if free, else any
+    /// free port.
     pub fn pick(
         &mut self,
         flag: &'static str,
@@ -54,12 +59,34 @@ impl PortPicker {
                 }
                 port
             }
-            _ => preferred
+            Some(_) => any_free(&self.taken),
+            None => preferred
                 .filter(|p| !self.taken.contains(p) && is_free(*p))
                 .unwrap_or_else(|| any_free(&self.taken)),
         };
         self.taken.push(port);
         Ok(port)
+    }
+
+    /// `port` if nothing took it since it was picked; else, when the user did not ask for
+    /// it (`given` is `None` or 0), another free port.
+    pub fn still_free(
+        &mut self,
+        flag: &'static str,
+        port: u16,
+        given: Option<u16>,
+    ) -> Result<u16, PortInUse> {
+        if is_free(port) {
+            return Ok(port);
+        }
+        match given {
+            Some(given) if given != 0 => Err(PortInUse { flag, port }),
+            _ => {
+                let other = any_free(&self.taken);
+                self.taken.push(other);
+                Ok(other)
+            }
+        }
     }
 }
 

@@ -150,14 +150,12 @@ impl Stack {
             started_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
             phase: Phase::Starting,
             auth: config.auth.as_str().to_owned(),
-            port,
-            stats_port,
-            page_url: port.map(|p| format!("http://127.0.0.1:{p}/")),
-            ws_url: port.map(|p| format!("ws://127.0.0.1:{p}/ws")),
-            stats_url: stats_port
-                .map(|p| format!("http://127.0.0.1:{p}{}", chatcluster_haproxy::STATS_PATH)),
-            metrics_url: stats_port
-                .map(|p| format!("http://127.0.0.1:{p}{}", chatcluster_haproxy::METRICS_PATH)),
+            port: None,
+            stats_port: None,
+            page_url: None,
+            ws_url: None,
+            stats_url: None,
+            metrics_url: None,
             redis_port,
             postgres_port,
             log_dir: log_dir.clone(),
@@ -172,7 +170,10 @@ impl Stack {
             children: Vec::new(),
             _lock: lock,
         };
-        stack.publish();
+        match (port, stats_port) {
+            (Some(port), Some(stats_port)) => stack.set_front_ports(port, stats_port),
+            _ => stack.publish(),
+        }
 
         let started = stack
             .start_children(config, &programs, &secrets, &mut ports, workers, file_limit)
@@ -257,6 +258,12 @@ impl Stack {
             self.launch(spec, Some(admin), Some(socket.clone())).await?;
             sockets.push(socket);
         }
+        // Another stack starting at the same moment may have taken a port picked earlier.
+        let port = ports.still_free("--port", port, config.port)?;
+        let stats_port = ports.still_free("--stats-port", stats_port, config.stats_port)?;
+        if (Some(port), Some(stats_port)) != (self.info.port, self.info.stats_port) {
+            self.set_front_ports(port, stats_port);
+        }
         let cfg = components::haproxy_config(
             config,
             port,
@@ -269,6 +276,23 @@ impl Stack {
         chatcluster_haproxy::check(haproxy, &cfg_path)?;
         let spec = components::haproxy(config, haproxy, &cfg_path, stats_port);
         self.launch(spec, Some(port), None).await
+    }
+
+    /// Records HAProxy's ports and the URLs made of them.
+    fn set_front_ports(&mut self, port: u16, stats_port: u16) {
+        self.info.port = Some(port);
+        self.info.stats_port = Some(stats_port);
+        self.info.page_url = Some(format!("http://127.0.0.1:{port}/"));
+        self.info.ws_url = Some(format!("ws://127.0.0.1:{port}/ws"));
+        self.info.stats_url = Some(format!(
+            "http://127.0.0.1:{stats_port}{}",
+            chatcluster_haproxy::STATS_PATH
+        ));
+        self.info.metrics_url = Some(format!(
+            "http://127.0.0.1:{stats_port}{}",
+            chatcluster_haproxy::METRICS_PATH
+        ));
+        self.publish();
     }
 
     /// Spawns one child, records it, and waits until it is ready.

@@ -103,7 +103,7 @@ impl Up {
             .arg("up")
             .arg("--state-dir")
             .arg(dir.path())
-            .args(["--drain-timeout", "1s"])
+            .args(["--drain-timeout", "1s", "--port", "0", "--stats-port", "0"])
             .args(args)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))

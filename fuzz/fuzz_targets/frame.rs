@@ -69,6 +69,12 @@ fuzz_target!(|data: &[u8]| {
     ));
 });
 
+/// The checks of a `publish` or `message` body: a decoded key is always valid.
+fn keyed_text(text: &str, key: Option<&str>, max_text: usize) -> Result<(), ValidationError> {
+    assert!(key.is_none_or(|key| check_idempotency_key(key).is_ok()));
+    validate::text(text, max_text)
+}
+
 /// What a session checks before any backend call.
 fn handle(op: &Op) -> Result<(), ValidationError> {
     let restricted = Identity {
@@ -106,26 +112,16 @@ fn handle(op: &Op) -> Result<(), ValidationError> {
             text,
             idempotency_key,
         } => {
-            assert!(
-                idempotency_key
-                    .as_deref()
-                    .is_none_or(|key| check_idempotency_key(key).is_ok())
-            );
             validate::channel_name(channel)?;
-            validate::text(text, max_text)
+            keyed_text(text, idempotency_key.as_deref(), max_text)
         }
         Op::Message {
             to,
             text,
             idempotency_key,
         } => {
-            assert!(
-                idempotency_key
-                    .as_deref()
-                    .is_none_or(|key| check_idempotency_key(key).is_ok())
-            );
             validate::user_name(to)?;
-            validate::text(text, max_text)
+            keyed_text(text, idempotency_key.as_deref(), max_text)
         }
         Op::History {
             channel,

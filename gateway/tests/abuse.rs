@@ -122,18 +122,7 @@ async fn idle_clients_are_closed_and_connections_are_limited() {
     assert_eq!(close.reason.as_str(), "idle timeout");
     // Its slot is free again.
     assert!(wait_until(Duration::from_secs(5), || true));
-    let mut again = None;
-    for _ in 0..50 {
-        if let Ok(client) = try_connect(&url, Encoding::Json, &[]).await {
-            again = Some(client);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    again
-        .expect("a slot frees up")
-        .ok(json!({"op": "ping"}))
-        .await;
+    connect_when_free(&url, Encoding::Json, &[]).await;
 }
 
 fn token(claims: serde_json::Value) -> String {

@@ -264,6 +264,17 @@ pub struct Tally {
     pub lost: u64,
 }
 
+impl Tally {
+    /// Counts one push to a member's outbox.
+    fn count(&mut self, pushed: Pushed) {
+        match pushed {
+            Pushed::Queued => self.frames_out += 1,
+            Pushed::Overflowed => self.slow_readers += 1,
+            Pushed::Closed => {}
+        }
+    }
+}
+
 /// The sequencer of one channel or inbox on this gateway.
 #[derive(Debug)]
 pub struct Sequencer {
@@ -674,7 +685,7 @@ impl Sequencer {
             if pushed == Pushed::Queued && offset_of(&frame) != u64::MAX {
                 newest = Some(offset_of(&frame));
             }
-            self.tally_push(pushed);
+            self.tally.count(pushed);
         }
         if let Some(offset) = newest
             && self
@@ -696,36 +707,29 @@ impl Sequencer {
         });
     }
 
-    fn tally_push(&mut self, pushed: Pushed) {
-        match pushed {
-            Pushed::Queued => self.tally.frames_out += 1,
-            Pushed::Overflowed => self.tally.slow_readers += 1,
-            Pushed::Closed => {}
+    /// Queues `frame` to every member `wanted` picks; returns how many took
+    /// it (counted in the sequencer's tally too).
+    fn push_each(&mut self, frame: &Arc<SharedFrame>, wanted: impl Fn(&Member) -> bool) -> u64 {
+        let mut tally = Tally::default();
+        for member in self.members.iter().filter(|member| wanted(member)) {
+            tally.count(member.outbox.push_shared(frame));
         }
+        self.tally.frames_out += tally.frames_out;
+        self.tally.slow_readers += tally.slow_readers;
+        tally.frames_out
     }
 
     /// Queues a message to every member above whose floor it lies, and keeps
     /// it for joiners whose cut-off it passes.
     fn deliver(&mut self, offset: u64, frame: &Arc<SharedFrame>) {
-        let mut tally = Tally::default();
-        for member in &self.members {
-            if offset > member.floor {
-                match member.outbox.push_shared(frame) {
-                    Pushed::Queued => tally.frames_out += 1,
-                    Pushed::Overflowed => tally.slow_readers += 1,
-                    Pushed::Closed => {}
-                }
-            }
-        }
-        self.tally.frames_out += tally.frames_out;
-        self.tally.slow_readers += tally.slow_readers;
+        let queued = self.push_each(frame, |member| offset > member.floor);
         self.keep(|cut| offset > cut, frame);
         if let Phase::Live {
             delivered, epoch, ..
         } = &mut self.phase
         {
             *delivered = offset;
-            if tally.frames_out > 0 {
+            if queued > 0 {
                 self.pushed = Some((epoch.clone(), offset));
             }
         }
@@ -733,16 +737,7 @@ impl Sequencer {
 
     /// Queues a presence event to every member and keeps it for joiners.
     fn announce(&mut self, frame: &Arc<SharedFrame>) {
-        let mut tally = Tally::default();
-        for member in &self.members {
-            match member.outbox.push_shared(frame) {
-                Pushed::Queued => tally.frames_out += 1,
-                Pushed::Overflowed => tally.slow_readers += 1,
-                Pushed::Closed => {}
-            }
-        }
-        self.tally.frames_out += tally.frames_out;
-        self.tally.slow_readers += tally.slow_readers;
+        self.push_each(frame, |_| true);
         self.keep(|_| true, frame);
     }
 

@@ -183,6 +183,19 @@ pub async fn try_connect(
     })
 }
 
+/// Connects with `headers` once a connection slot is free: retries a refused
+/// upgrade every 50 ms for up to 2.5 s, then answers a `ping` on it.
+pub async fn connect_when_free(url: &str, encoding: Encoding, headers: &[(&str, &str)]) -> Client {
+    for _ in 0..50 {
+        if let Ok(mut client) = try_connect(url, encoding, headers).await {
+            client.ok(json!({"op": "ping"})).await;
+            return client;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("no connection slot freed up at {url}");
+}
+
 /// An HS256 JWT of `claims` signed with `secret`.
 pub fn jwt(claims: &Value, secret: &str) -> String {
     jsonwebtoken::encode(

@@ -59,7 +59,9 @@ ensure_packages() {
             die "not installed; install them with: sudo apt-get install -y ${missing[*]}"
     fi
     as_root apt-get update -qq || die "apt-get update failed"
-    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends "${missing[@]}" ||
+    # Through env, not as a prefix: sudo resets the environment and would drop it, leaving
+    # debconf free to ask questions on the terminal.
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" ||
         die "apt-get could not install: ${missing[*]}"
     local package
     for package in "${missing[@]}"; do

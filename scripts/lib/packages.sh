@@ -82,5 +82,10 @@ ensure_packages() {
 STACK_PACKAGES=(build-essential:cc redis-server:redis-server postgresql:@postgres haproxy:haproxy)
 
 require_cargo() {
-    command -v cargo > /dev/null || die "cargo not found: install Rust first (https://rustup.rs)"
+    command -v cargo > /dev/null && return 0
+    # sudo resets PATH, so a user's ~/.cargo/bin is gone: the fix is not to install Rust again.
+    if [[ $(id -u) -eq 0 && -n ${SUDO_USER:-} && $SUDO_USER != root ]]; then
+        die "cargo not found on root's PATH: run this script as $SUDO_USER, without sudo (it uses sudo itself to install packages)"
+    fi
+    die "cargo not found: install Rust first (https://rustup.rs)"
 }

@@ -7,6 +7,7 @@
 //! reconnects and recovers by offset.
 
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use rustyline::error::ReadlineError;
 use tokio::sync::{mpsc, oneshot};
@@ -138,13 +139,19 @@ const SENT_MEMORY: usize = 256;
 
 /// Prints above the input line (through the line editor) or, without a terminal, to stdout.
 /// Lines go through a bounded queue to one printing thread, so slow terminals hold up no task.
-#[derive(Debug, Clone)]
-struct Output(mpsc::Sender<String>);
+#[derive(Debug)]
+struct Output {
+    queue: mpsc::Sender<String>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+/// How long [`Output::finish`] waits for the queued lines to be printed.
+const PRINT_DRAIN: Duration = Duration::from_secs(2);
 
 impl Output {
     fn start(printer: Option<Box<dyn rustyline::ExternalPrinter + Send>>) -> Self {
-        let (tx, mut rx) = mpsc::channel::<String>(1024);
-        std::thread::spawn(move || {
+        let (queue, mut rx) = mpsc::channel::<String>(1024);
+        let thread = std::thread::spawn(move || {
             let mut printer = printer;
             while let Some(mut line) = rx.blocking_recv() {
                 line.push('\n');
@@ -159,11 +166,23 @@ impl Output {
                 }
             }
         });
-        Self(tx)
+        Self { queue, thread }
     }
 
     async fn line(&self, text: impl Into<String>) {
-        let _ = self.0.send(text.into()).await;
+        let _ = self.queue.send(text.into()).await;
+    }
+
+    /// Closes the queue and waits (bounded) until the lines in it are printed: the process
+    /// exits right after, which would cut off the answer to the last command before a quit
+    /// (`/who` then `/quit` piped in).
+    async fn finish(self) {
+        let Self { queue, thread } = self;
+        drop(queue);
+        let joined = tokio::task::spawn_blocking(move || thread.join());
+        if tokio::time::timeout(PRINT_DRAIN, joined).await.is_err() {
+            tracing::debug!("output still printing at exit");
+        }
     }
 }
 
@@ -386,6 +405,7 @@ pub async fn run(
             },
         }
     }
+    out.finish().await;
     Ok(())
 }
 

@@ -59,7 +59,9 @@ ensure_packages() {
             die "not installed; install them with: sudo apt-get install -y ${missing[*]}"
     fi
     as_root apt-get update -qq || die "apt-get update failed"
-    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends "${missing[@]}" ||
+    # Through env, not as a prefix: sudo resets the environment and would drop it, leaving
+    # debconf free to ask questions on the terminal.
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" ||
         die "apt-get could not install: ${missing[*]}"
     local package
     for package in "${missing[@]}"; do
@@ -80,5 +82,10 @@ ensure_packages() {
 STACK_PACKAGES=(build-essential:cc redis-server:redis-server postgresql:@postgres haproxy:haproxy)
 
 require_cargo() {
-    command -v cargo > /dev/null || die "cargo not found: install Rust first (https://rustup.rs)"
+    command -v cargo > /dev/null && return 0
+    # sudo resets PATH, so a user's ~/.cargo/bin is gone: the fix is not to install Rust again.
+    if [[ $(id -u) -eq 0 && -n ${SUDO_USER:-} && $SUDO_USER != root ]]; then
+        die "cargo not found on root's PATH: run this script as $SUDO_USER, without sudo (it uses sudo itself to install packages)"
+    fi
+    die "cargo not found: install Rust first (https://rustup.rs)"
 }

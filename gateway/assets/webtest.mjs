@@ -337,9 +337,10 @@ async function main() {
       const gw = child(aliceGateway);
       const restarts = gw.restarts;
       await alice.waitForSelector('#conn[data-state=online]', { timeout: 5000 });
-      const aliceDropped = alice.evaluate(() => new Promise((r) => window.__chatcluster.ws.addEventListener('close', (e) => r(e.code))));
+      // the listener is in place before the kill (an evaluate still in flight may run after it)
+      await alice.evaluate(() => { const ws = window.__chatcluster.ws; window.__closed = new Promise((r) => ws.addEventListener('close', (e) => r(e.code))); });
       process.kill(gw.pid, 'SIGKILL');
-      const code = await aliceDropped;
+      const code = await alice.evaluate(() => window.__closed);
       await snap(alice, 'gateway-killed-alice');
       await snap(bob, 'gateway-killed-bob');
       for (let i = 1; i <= 3; i++) await say(bob, `while down ${i} ${stamp}`);

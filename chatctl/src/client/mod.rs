@@ -18,7 +18,6 @@ use chatcluster_protocol::frame::RawRequest;
 use tokio_tungstenite::tungstenite::Message;
 
 pub use endpoint::Wire;
-pub use retry::RetryPolicy;
 pub use session::{Event, Identity, Session, SessionConfig, SessionHandle};
 pub use transport::{ConnectOptions, Target, Ws, connect};
 

@@ -43,13 +43,6 @@ impl Default for RetryPolicy {
 }
 
 impl RetryPolicy {
-    /// One attempt, no retry.
-    pub const ONCE: Self = Self {
-        attempts: 1,
-        first_delay: Duration::ZERO,
-        max_delay: Duration::ZERO,
-    };
-
     /// The delay before retry `retry` (0 for the first), jittered to 50–100 %.
     pub fn delay(&self, retry: u32) -> Duration {
         let base = self
@@ -213,12 +206,5 @@ mod tests {
         // two waits with backoff: 10–20 ms, then 20–40 ms
         let waited = started.elapsed();
         assert!(waited >= Duration::from_millis(30), "{waited:?}");
-    }
-
-    #[tokio::test]
-    async fn once_means_one_attempt() {
-        let script = vec![Err(server(ErrorCode::UnknownOutcome))];
-        let (_, keys) = run_script(script, RetryPolicy::ONCE).await;
-        assert_eq!(keys.len(), 1);
     }
 }

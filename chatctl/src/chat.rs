@@ -2,7 +2,8 @@
 //!
 //! The menu of the original client (list users, create a channel, list channels, subscribe,
 //! publish, direct message, quit) as commands at a prompt, by number or by name. Plain text
-//! goes to the current channel. Incoming messages print above the line being typed (the
+//! goes to the current channel; `/dms` and `/dm` read direct messages back (also those that
+//! arrived while offline). Incoming messages print above the line being typed (the
 //! line editor redraws it), with line editing and history. The session underneath
 //! reconnects and recovers by offset.
 
@@ -51,6 +52,15 @@ pub enum Input {
     Who(Option<String>),
     /// The last messages of the current channel from history.
     History(u32),
+    /// The conversations (direct messages), the newest first.
+    Conversations,
+    /// The last `n` direct messages with a user.
+    DmHistory {
+        /// The other user.
+        with: String,
+        /// How many.
+        n: u32,
+    },
     /// The menu.
     Help,
     /// Nothing typed.
@@ -66,6 +76,8 @@ pub const MENU: &str = concat!(
     "  5  /pub <channel> <text>   publish (plain text goes to the current channel)\n",
     "  6  /msg <user> <text>      direct message\n",
     "  7  /quit                   quit (also Ctrl-D)\n",
+    "     /dms                    your conversations (direct messages), newest first\n",
+    "     /dm <user> [n]          the last n (20) direct messages with a user\n",
     "     /switch <channel>  /leave <channel>  /who [channel]  /history [n]  /help",
 );
 
@@ -110,7 +122,7 @@ pub fn parse(line: &str) -> Result<Input, String> {
             let (channel, text) = pair("a channel and a text")?;
             Input::Publish { channel, text }
         }
-        "6" | "msg" | "dm" => {
+        "6" | "msg" => {
             let (to, text) = pair("a user and a text")?;
             Input::Direct { to, text }
         }
@@ -119,8 +131,33 @@ pub fn parse(line: &str) -> Result<Input, String> {
         "leave" | "unsubscribe" => Input::Leave(arg("a channel name")?),
         "who" | "presence" => Input::Who(arg("").ok()),
         "history" => Input::History(rest.parse().unwrap_or(20).clamp(1, 100)),
+        "dms" | "conversations" => Input::Conversations,
+        "dm" => dm_history(rest)?,
         "help" | "menu" | "?" => Input::Help,
         other => return Err(format!("unknown command /{other}; /help lists them")),
+    })
+}
+
+/// `/dm <user> [n]`: a user and an optional count (1..=100, default 20).
+fn dm_history(rest: &str) -> Result<Input, String> {
+    let mut words = rest.split_whitespace();
+    let Some(with) = words.next() else {
+        return Err("/dm needs a user".to_owned());
+    };
+    let n = match (words.next(), words.next()) {
+        (None, _) => 20,
+        (Some(n), None) => n.parse::<u32>().map_err(|_| {
+            format!("/dm <user> [n] shows a conversation; send with /msg {with} <text>")
+        })?,
+        (Some(_), Some(_)) => {
+            return Err(format!(
+                "/dm <user> [n] shows a conversation; send with /msg {with} <text>"
+            ));
+        }
+    };
+    Ok(Input::DmHistory {
+        with: with.trim_start_matches('@').to_owned(),
+        n: n.clamp(1, 100),
     })
 }
 
@@ -190,9 +227,10 @@ fn describe(error: &ClientError) -> String {
     format!("! {error}")
 }
 
-/// Carries out one command; `false` to quit.
+/// Carries out one command for user `me`; `false` to quit.
 async fn execute(
     input: Input,
+    me: &str,
     handle: &SessionHandle,
     current: &Mutex<Current>,
     out: &Output,
@@ -276,12 +314,12 @@ async fn execute(
                 }
             },
             Input::Direct { to, text } => {
-                let msg_id = handle.message(&to, &text).await?;
+                let reply = handle.message(&to, &text).await?;
                 if let Ok(mut c) = current.lock() {
                     if c.sent.len() == SENT_MEMORY {
                         c.sent.pop_front();
                     }
-                    c.sent.push_back(msg_id);
+                    c.sent.push_back(reply.msg_id);
                 }
                 let now = chatcluster_protocol::entry::Timestamp::now();
                 out.line(format!("[{}] you → @{to}: {text}", format::clock(now)))
@@ -303,6 +341,25 @@ async fn execute(
                 }
                 None => out.line("! no current channel").await,
             },
+            Input::Conversations => {
+                let conversations = handle.conversations(None, None).await?;
+                if conversations.is_empty() {
+                    out.line("no direct messages yet").await;
+                }
+                for c in conversations {
+                    out.line(format!("@{}: {}", c.with, format::direct(&c.last, me)))
+                        .await;
+                }
+            }
+            Input::DmHistory { with, n } => {
+                let messages = handle.dm_history(&with, None, Some(n)).await?;
+                if messages.is_empty() {
+                    out.line(format!("no direct messages with @{with}")).await;
+                }
+                for m in messages {
+                    out.line(format::direct(&m, me)).await;
+                }
+            }
         }
         Ok(())
     }
@@ -383,7 +440,7 @@ pub async fn run(
             line = lines.recv() => {
                 let Some((Some(line), done)) = line else { break };
                 let keep_going = match parse(&line) {
-                    Ok(input) => execute(input, &handle, &current, &out).await,
+                    Ok(input) => execute(input, &user, &handle, &current, &out).await,
                     Err(problem) => {
                         out.line(format!("! {problem}")).await;
                         true
@@ -443,6 +500,28 @@ mod tests {
         assert_eq!(parse("  "), Ok(Input::Empty));
         assert_eq!(parse("/history 5"), Ok(Input::History(5)));
         assert_eq!(parse("/who"), Ok(Input::Who(None)));
+        assert_eq!(parse("/dms"), Ok(Input::Conversations));
+        assert_eq!(
+            parse("/dm @bob"),
+            Ok(Input::DmHistory {
+                with: "bob".into(),
+                n: 20
+            })
+        );
+        assert_eq!(
+            parse("/dm bob 500"),
+            Ok(Input::DmHistory {
+                with: "bob".into(),
+                n: 100
+            })
+        );
+    }
+
+    #[test]
+    fn dm_shows_a_conversation_and_points_senders_to_msg() {
+        assert_eq!(parse("/dm"), Err("/dm needs a user".into()));
+        let wrong = parse("/dm bob olá").expect_err("a text is not a count");
+        assert!(wrong.contains("/msg bob"), "{wrong}");
     }
 
     #[test]

@@ -119,7 +119,7 @@ fn publish_subscribe_chat_bots_token_status() {
     chat.stdin
         .take()
         .expect("stdin")
-        .write_all(b"1\n2 tech\n3\n4 geral\nola do chat\n6 alice oi\n/who\n7\n")
+        .write_all(b"1\n2 tech\n3\n4 geral\nola do chat\n6 alice oi\n/who\n/dms\n/dm alice\n7\n")
         .expect("write");
     let out = chat.wait_with_output().expect("chat");
     let said = String::from_utf8_lossy(&out.stdout);
@@ -132,9 +132,29 @@ fn publish_subscribe_chat_bots_token_status() {
         "#geral <carol> ola do chat",
         "you → @alice: oi",
         "in #geral: carol, sub",
+        "@alice: [",
     ] {
         assert!(said.contains(needle), "{needle:?} not in:\n{said}");
     }
+
+    // alice was offline when carol wrote: her conversation with carol has it.
+    let mut alice = common::chatctl()
+        .args(["chat", "--state-dir", &state, "--user", "alice"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("chat");
+    alice
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"/dm carol 5\n7\n")
+        .expect("write");
+    let out = alice.wait_with_output().expect("chat");
+    assert!(out.status.success(), "{}", text(&out));
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("@carol → you: oi"), "not in:\n{said}");
 
     // Bots publish to existing channels for a while.
     let out = up.run(&[

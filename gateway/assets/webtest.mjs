@@ -15,6 +15,9 @@
 // Two users on different gateways chat; one gateway is killed (SIGKILL) mid-chat and the
 // stack restarts it: both pages must be back within 3 s of the restart, with the messages
 // sent meanwhile shown exactly once. A graceful restart (SIGTERM, close 1001) follows.
+// Also: Unicode names (and an over-long one refused, never cut), conversations after a
+// reload, a DM to an offline user delivered once at login, and publishes retried with their
+// idempotency key (a socket closed right after sending; the same key sent twice) stored once.
 // The page is the index.html beside this file: when the gateway's embedded copy differs
 // (not rebuilt yet), the file is served from a local port and pointed at the stack with the
 // page's development parameter ?ws=.
@@ -131,6 +134,12 @@ const countText = (page, text) => page.evaluate(
   (t) => [...document.querySelectorAll('#msg-list .msg .text')].filter((e) => e.textContent === t).length, text);
 const offsets = (page, channel) => page.evaluate((c) => window.__chatcluster.channels.get(c).msgs.map((m) => m.offset), channel);
 const contiguous = (offs) => offs.every((o, i) => i === 0 || o === offs[i - 1] + 1);
+// How often `text` is in #channel's history, read over the HTTP API.
+async function storedCount(channel, text) {
+  const r = await fetch(`${stack().page_url}api/channels/${encodeURIComponent(channel)}/messages?limit=100`);
+  assert(r.ok, `GET messages: ${r.status}`);
+  return (await r.json()).messages.filter((m) => m.text === text).length;
+}
 
 // ---- the test -----------------------------------------------------------------
 async function main() {
@@ -209,6 +218,21 @@ async function main() {
       assert((await alice.textContent('#join-error')).trim() !== '', 'no error');
       await alice.fill('#join-name', '');
     });
+    await check('a Unicode channel name works; an over-long one is refused with its size, not cut', async () => {
+      const cafe = 'café-会議室';
+      await join(alice, cafe);
+      await say(alice, `Unicode ${stamp}`);
+      await waitText(alice, `Unicode ${stamp}`);
+      const long = 'á'.repeat(33);                       // 33 characters, 66 bytes of UTF-8
+      await alice.fill('#join-name', long);
+      await alice.press('#join-name', 'Enter');
+      const error = (await alice.textContent('#join-error')).trim();
+      assert(error.includes('66 bytes'), `error: "${error}"`);
+      assert(await alice.inputValue('#join-name') === long, 'the name was cut');
+      assert(!(await alice.$(`#channel-list [data-nav="channel:${'á'.repeat(32)}"]`)), 'joined a shortened name');
+      await alice.fill('#join-name', '');
+      await alice.click('#channel-list [data-nav="channel:geral"]');
+    });
     await check('the channel list updates live', async () => {
       const other = `live-${stamp}`;
       await join(bob, other);
@@ -229,6 +253,45 @@ async function main() {
       assert(await countText(bob, dm) === 1, 'DM duplicated on the sender (reply + echo)');
       await say(alice, `resposta ${stamp}`);
       await waitText(bob, `resposta ${stamp}`);
+    });
+    await check('conversations are shown after a reload, each message once', async () => {
+      await bob.reload();
+      await bob.waitForSelector('#conn[data-state=online]', { timeout: 10000 });
+      await bob.waitForSelector('#dm-list [data-nav="dm:alice"]', { timeout: 5000 });
+      await bob.click('#dm-list [data-nav="dm:alice"]');
+      await waitText(bob, dm);
+      await waitText(bob, `resposta ${stamp}`);
+      assert(await countText(bob, dm) === 1 && await countText(bob, `resposta ${stamp}`) === 1, 'not shown exactly once');
+      await snap(bob, 'conversations-after-reload');
+    });
+    await check('a DM to an offline user appears once when they log in', async () => {
+      const jose = await open('josé');
+      await login(jose, 'josé');                        // known to the server, then offline
+      await jose.click('#logout-btn');
+      await jose.context().close();
+      await alice.fill('#dm-name', 'josé');
+      await alice.press('#dm-name', 'Enter');
+      await alice.waitForFunction(() => document.getElementById('view-title').textContent.startsWith('@josé'));
+      const text = `while you were away ${stamp}`;
+      await say(alice, text);
+      await waitText(alice, text);
+      const later = await open('josé, later');           // another device: no inbox position yet
+      await login(later, 'josé');
+      await later.waitForSelector('#dm-list [data-nav="dm:alice"] .badge', { timeout: 5000 });
+      await later.click('#dm-list [data-nav="dm:alice"]');
+      await waitText(later, text);
+      await sleep(300);
+      assert(await countText(later, text) === 1, 'not shown exactly once');
+      // a reconnect recovers from the inbox position: nothing again
+      await later.evaluate(() => window.__chatcluster.ws.close());
+      await later.waitForSelector('#conn[data-state=online]', { timeout: 5000 });
+      await alice.fill('#dm-name', 'josé');
+      await alice.press('#dm-name', 'Enter');
+      await say(alice, `after the reconnect ${stamp}`);
+      await waitText(later, `after the reconnect ${stamp}`);
+      assert(await countText(later, text) === 1 && await countText(later, `after the reconnect ${stamp}`) === 1, 'doubled after a reconnect');
+      await snap(later, 'dm-offline-delivered');
+      await later.context().close();
     });
     await check('channel unread count while looking elsewhere', async () => {
       await bob.click('#channel-list [data-nav="channel:geral"]');
@@ -274,9 +337,10 @@ async function main() {
       const gw = child(aliceGateway);
       const restarts = gw.restarts;
       await alice.waitForSelector('#conn[data-state=online]', { timeout: 5000 });
-      const aliceDropped = alice.evaluate(() => new Promise((r) => window.__chatcluster.ws.addEventListener('close', (e) => r(e.code))));
+      // the listener is in place before the kill (an evaluate still in flight may run after it)
+      await alice.evaluate(() => { const ws = window.__chatcluster.ws; window.__closed = new Promise((r) => ws.addEventListener('close', (e) => r(e.code))); });
       process.kill(gw.pid, 'SIGKILL');
-      const code = await aliceDropped;
+      const code = await alice.evaluate(() => window.__closed);
       await snap(alice, 'gateway-killed-alice');
       await snap(bob, 'gateway-killed-bob');
       for (let i = 1; i <= 3; i++) await say(bob, `while down ${i} ${stamp}`);
@@ -321,6 +385,48 @@ async function main() {
       const ia = await ids(alice), ib = await ids(bob);
       assert(Object.keys(ib).every((o) => ia[o] === ib[o]), 'same offset, different msg_id');
     });
+    await check('a publish whose socket closes right after sending is retried with its key and stored once', async () => {
+      const text = `retried ${stamp}`;
+      await alice.click('#channel-list [data-nav="channel:geral"]');
+      await alice.evaluate(() => {
+        window.__sent = []; window.__states = new Set();
+        new MutationObserver(() => {
+          for (const li of document.querySelectorAll('#msg-list .pending')) window.__states.add(li.dataset.state);
+        }).observe(document.getElementById('msg-list'), { childList: true, subtree: true });
+        const send = WebSocket.prototype.send;
+        window.__restoreSend = () => { WebSocket.prototype.send = send; };
+        let armed = true;
+        WebSocket.prototype.send = function (data) {
+          send.call(this, data);
+          const f = JSON.parse(data);
+          if (f.op !== 'publish') return;
+          window.__sent.push(f);
+          if (armed) { armed = false; this.close(); }   // lost before the reply
+        };
+      });
+      await say(alice, text);
+      await waitText(bob, text, 10000);
+      await alice.waitForFunction(() => window.__chatcluster.outbox.size === 0, null, { timeout: 10000 });
+      const sent = await alice.evaluate((t) => { window.__restoreSend(); return window.__sent.filter((f) => f.text === t); }, text);
+      assert(sent.length >= 2, `sent ${sent.length} time(s): not retried`);
+      assert(sent.every((f) => f.idempotency_key && f.idempotency_key === sent[0].idempotency_key), 'retried with another key');
+      assert(await alice.evaluate(() => window.__states.has('sending')), 'no "sending…" state shown');
+      await sleep(300);
+      assert(await countText(bob, text) === 1 && await countText(alice, text) === 1, 'shown more than once');
+      assert(await storedCount(geral, text) === 1, 'stored more than once');
+    });
+    await check('the same idempotency key sent twice answers the first result and stores once', async () => {
+      const text = `same key ${stamp}`;
+      const [a, b] = await alice.evaluate(async ({ t, c }) => {
+        const req = window.__chatcluster.debug.req;
+        const write = { channel: c, text: t, idempotency_key: `webtest-${t.replace(/\W/g, '-')}` };
+        return [await req('publish', write), await req('publish', write)];
+      }, { t: text, c: geral });
+      assert(a.offset === b.offset && a.msg_id === b.msg_id, `two results: ${JSON.stringify([a, b])}`);
+      await waitText(bob, text);
+      assert(await storedCount(geral, text) === 1, 'stored twice');
+    });
+
     await check('history comes from PostgreSQL after a reload', async () => {
       await sleep(1000);                       // the worker's batch reaches PostgreSQL
       await bob.reload();

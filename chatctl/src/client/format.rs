@@ -57,6 +57,10 @@ pub fn notice(event: &Event) -> Option<String> {
             Some(format!("! connection lost ({reason}); reconnecting…"))
         }
         Event::Reconnected { channels } => Some(format!("! reconnected{}", recoveries(channels))),
+        Event::InboxNotRecovered => Some(
+            "! some direct messages sent while away could not be recovered: /dms lists them"
+                .to_owned(),
+        ),
         Event::Gap {
             channel,
             after,

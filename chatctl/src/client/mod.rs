@@ -2,10 +2,13 @@
 //!
 //! [`transport`] opens one WebSocket (TCP from a chosen source address, or a gateway's Unix
 //! socket); [`session`] keeps a logged-in session alive across disconnects and recovers every
-//! subscribed channel by offset, so its user sees each message exactly once.
+//! subscribed channel by offset, so its user sees each message exactly once; [`retry`] makes
+//! its writes idempotent and [`paging`] walks paged listings.
 
 pub mod endpoint;
 pub mod format;
+pub mod paging;
+pub mod retry;
 pub mod session;
 pub mod transport;
 

@@ -5,7 +5,10 @@
 //! the epoch and the last offset it handed out. After a disconnect it reconnects with
 //! jittered backoff, logs in again and subscribes with `since`; missed messages are handed
 //! out in order, each once (a duplicate offset is dropped), and when the gateway cannot
-//! recover from Redis the gap is paged from `history`.
+//! recover from Redis the gap is paged from `history`. Likewise it keeps its place in the
+//! user's inbox and logs in again with `since`, so each direct message is handed out once.
+//! `publish` and `message` carry an idempotency key and are retried with it (see
+//! [`super::retry`]); `users` and `channels` walk every page.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
@@ -14,8 +17,9 @@ use std::time::Duration;
 use chatcluster_protocol::Encoding;
 use chatcluster_protocol::codec;
 use chatcluster_protocol::frame::{
-    ChannelMessage, DirectMessage, HistoryReply, PresenceEvent, PublishReply, RawRequest,
-    RequestId, ServerFrame, Since, SubscribeReply,
+    ChannelMessage, ChannelsReply, Conversation, ConversationsReply, DirectMessage, DirectReply,
+    DmHistoryReply, HistoryReply, InboxPosition, LoginReply, PresenceEvent, PublishReply,
+    RawRequest, RequestId, ServerFrame, Since, SubscribeReply, UsersReply,
 };
 use futures_util::{SinkExt as _, StreamExt as _};
 use rand::Rng as _;
@@ -23,6 +27,8 @@ use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 use tokio_tungstenite::tungstenite::Message;
 
+use super::paging::collect_pages;
+use super::retry::{RetryPolicy, new_key, with_retry};
 use super::transport::{ConnectOptions, Target, Ws, connect};
 use super::{ClientError, payload, request_message};
 
@@ -50,10 +56,12 @@ pub struct SessionConfig {
     pub reconnect: bool,
     /// How long a request waits for its reply.
     pub request_timeout: Duration,
+    /// How `publish` and `message` are retried (with their idempotency key).
+    pub retry: RetryPolicy,
 }
 
 impl SessionConfig {
-    /// A reconnecting session with a 15 s request timeout.
+    /// A reconnecting session with a 15 s request timeout and the default retry policy.
     pub fn new(target: Target, encoding: Encoding, identity: Identity) -> Self {
         Self {
             target,
@@ -62,6 +70,7 @@ impl SessionConfig {
             source: None,
             reconnect: true,
             request_timeout: Duration::from_secs(15),
+            retry: RetryPolicy::default(),
         }
     }
 }
@@ -91,6 +100,10 @@ pub enum Event {
         /// Why.
         reason: String,
     },
+    /// The login after a reconnect could not recover every direct message missed meanwhile
+    /// (the inbox's epoch changed, or the gap is older than Redis keeps): `conversations`
+    /// and `dm_history` still have them.
+    InboxNotRecovered,
     /// Connected again; every channel resubscribed.
     Reconnected {
         /// Per channel.
@@ -117,6 +130,7 @@ struct Command {
 pub struct SessionHandle {
     commands: mpsc::Sender<Command>,
     timeout: Duration,
+    retry: RetryPolicy,
 }
 
 /// A running session: its handle, its events and the user it is.
@@ -157,16 +171,30 @@ impl SessionHandle {
         }
     }
 
-    /// `users`.
+    /// `users`, every page.
     pub async fn users(&self) -> Result<Vec<String>, ClientError> {
-        let data = self.request(request("users")).await?;
-        Ok(decode_data::<chatcluster_protocol::frame::UsersReply>(data)?.users)
+        collect_pages(|cursor| async move {
+            let data = self.request(RawRequest {
+                cursor,
+                ..request("users")
+            });
+            let reply: UsersReply = decode_data(data.await?)?;
+            Ok((reply.users, reply.cursor))
+        })
+        .await
     }
 
-    /// `channels`.
+    /// `channels`, every page.
     pub async fn channels(&self) -> Result<Vec<String>, ClientError> {
-        let data = self.request(request("channels")).await?;
-        Ok(decode_data::<chatcluster_protocol::frame::ChannelsReply>(data)?.channels)
+        collect_pages(|cursor| async move {
+            let data = self.request(RawRequest {
+                cursor,
+                ..request("channels")
+            });
+            let reply: ChannelsReply = decode_data(data.await?)?;
+            Ok((reply.channels, reply.cursor))
+        })
+        .await
     }
 
     /// `channel`: creates it; returns whether this call did.
@@ -206,28 +234,72 @@ impl SessionHandle {
         .map(drop)
     }
 
-    /// `publish`.
-    pub async fn publish(&self, channel: &str, text: &str) -> Result<PublishReply, ClientError> {
-        let data = self
-            .request(RawRequest {
-                channel: Some(channel.to_owned()),
-                text: Some(text.to_owned()),
-                ..request("publish")
-            })
-            .await?;
+    /// Sends a keyed write, again with the same key while its outcome is unknown (see
+    /// [`super::retry`]), and decodes its reply.
+    async fn keyed_write<T: serde::de::DeserializeOwned>(
+        &self,
+        write: RawRequest,
+    ) -> Result<T, ClientError> {
+        let write = RawRequest {
+            idempotency_key: Some(new_key()),
+            ..write
+        };
+        let data = with_retry(self.retry, || self.request(write.clone())).await?;
         decode_data(data)
     }
 
-    /// `message` (direct message); returns its id.
-    pub async fn message(&self, to: &str, text: &str) -> Result<uuid::Uuid, ClientError> {
+    /// `publish`, stored once even when retried.
+    pub async fn publish(&self, channel: &str, text: &str) -> Result<PublishReply, ClientError> {
+        self.keyed_write(RawRequest {
+            channel: Some(channel.to_owned()),
+            text: Some(text.to_owned()),
+            ..request("publish")
+        })
+        .await
+    }
+
+    /// `message` (a direct message), stored once even when retried.
+    pub async fn message(&self, to: &str, text: &str) -> Result<DirectReply, ClientError> {
+        self.keyed_write(RawRequest {
+            to: Some(to.to_owned()),
+            text: Some(text.to_owned()),
+            ..request("message")
+        })
+        .await
+    }
+
+    /// `conversations`: one page of the user's conversations, the newest first.
+    pub async fn conversations(
+        &self,
+        before: Option<u64>,
+        limit: Option<u32>,
+    ) -> Result<Vec<Conversation>, ClientError> {
         let data = self
             .request(RawRequest {
-                to: Some(to.to_owned()),
-                text: Some(text.to_owned()),
-                ..request("message")
+                before,
+                limit,
+                ..request("conversations")
             })
             .await?;
-        Ok(decode_data::<chatcluster_protocol::frame::DirectReply>(data)?.msg_id)
+        Ok(decode_data::<ConversationsReply>(data)?.conversations)
+    }
+
+    /// `dm_history`: direct messages with `with` before inbox offset `before` (newest last).
+    pub async fn dm_history(
+        &self,
+        with: &str,
+        before: Option<u64>,
+        limit: Option<u32>,
+    ) -> Result<Vec<DirectMessage>, ClientError> {
+        let data = self
+            .request(RawRequest {
+                with: Some(with.to_owned()),
+                before,
+                limit,
+                ..request("dm_history")
+            })
+            .await?;
+        Ok(decode_data::<DmHistoryReply>(data)?.messages)
     }
 
     /// `presence`.
@@ -267,6 +339,47 @@ struct Position {
     last: u64,
 }
 
+/// Where the session stands in the user's inbox: the `since` of its next login.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Inbox {
+    /// The epoch of the last login reply.
+    epoch: Option<String>,
+    /// The inbox offset of the last direct message handed out.
+    last: Option<u64>,
+}
+
+impl Inbox {
+    /// The login's `since`, once a login answered and a direct message came.
+    fn since(&self) -> Option<Since> {
+        Some(Since {
+            offset: self.last?,
+            epoch: self.epoch.clone()?,
+        })
+    }
+
+    /// Takes a login reply to `since`; `false` when `since` was not recovered (the missed
+    /// messages are not pushed, and pushes continue after the reply's offset).
+    fn on_login(&mut self, since: Option<&Since>, reply: &InboxPosition) -> bool {
+        self.epoch = Some(reply.epoch.clone());
+        if reply.recovered {
+            // The missed messages follow as pushes and move `last` themselves.
+            return true;
+        }
+        self.last = Some(reply.offset);
+        since.is_none()
+    }
+
+    /// Takes a direct push at inbox `offset`; `false` when it was handed out already.
+    fn on_push(&mut self, offset: Option<u64>) -> bool {
+        let Some(offset) = offset else { return true };
+        if self.last.is_some_and(|last| offset <= last) {
+            return false;
+        }
+        self.last = Some(offset);
+        true
+    }
+}
+
 enum Pending {
     Caller(oneshot::Sender<Result<Value, ClientError>>),
     Subscribe {
@@ -290,6 +403,7 @@ struct Driver {
     commands: mpsc::Receiver<Command>,
     events: mpsc::Sender<Event>,
     channels: BTreeMap<String, Position>,
+    inbox: Inbox,
     pending: HashMap<i64, Pending>,
     clock: u64,
     next_id: i64,
@@ -302,11 +416,13 @@ impl Session {
         let (commands_tx, commands) = mpsc::channel(256);
         let (events_tx, events) = mpsc::channel(4096);
         let timeout = config.request_timeout;
+        let retry = config.retry;
         let mut driver = Driver {
             config,
             commands,
             events: events_tx,
             channels: BTreeMap::new(),
+            inbox: Inbox::default(),
             pending: HashMap::new(),
             clock: 0,
             next_id: 1,
@@ -319,6 +435,7 @@ impl Session {
             handle: SessionHandle {
                 commands: commands_tx,
                 timeout,
+                retry,
             },
             events,
             user,
@@ -426,7 +543,8 @@ impl Driver {
             .map_err(|_| ClientError::Timeout(op))?
     }
 
-    /// Logs in (named user) and returns the user.
+    /// Logs in (named user) from the inbox position reached so far and returns the user;
+    /// reports an inbox that could not be recovered.
     async fn login(
         &mut self,
         ws: &mut Ws,
@@ -434,21 +552,27 @@ impl Driver {
     ) -> Result<String, ClientError> {
         match self.config.identity.clone() {
             Identity::User(user) => {
+                let since = self.inbox.since();
                 let data = self
                     .call(
                         ws,
                         RawRequest {
                             user: Some(user.clone()),
+                            since: since.clone(),
                             ..request("login")
                         },
                         backlog,
                     )
                     .await?;
-                Ok(data
-                    .get("user")
-                    .and_then(Value::as_str)
-                    .unwrap_or(&user)
-                    .to_owned())
+                let reply: LoginReply = decode_data(data)?;
+                let recovered = reply
+                    .inbox
+                    .as_ref()
+                    .is_none_or(|inbox| self.inbox.on_login(since.as_ref(), inbox));
+                if !recovered {
+                    self.emit(Event::InboxNotRecovered).await;
+                }
+                Ok(reply.user)
             }
             Identity::Token(token) => {
                 Ok(crate::token::subject(&token).unwrap_or_else(|| "(token)".to_owned()))
@@ -484,7 +608,11 @@ impl Driver {
     async fn on_frame(&mut self, frame: ServerFrame<Value>) {
         match frame {
             ServerFrame::Message(message) => self.deliver(message).await,
-            ServerFrame::Direct(direct) => self.emit(Event::Direct(direct)).await,
+            ServerFrame::Direct(direct) => {
+                if self.inbox.on_push(direct.offset) {
+                    self.emit(Event::Direct(direct)).await;
+                }
+            }
             ServerFrame::Presence(presence) => self.emit(Event::Presence(presence)).await,
             ServerFrame::Ok { id, data, .. } => self.on_reply(id, Ok(data)).await,
             ServerFrame::Error {
@@ -795,5 +923,71 @@ mod tests {
             assert!(delay >= Duration::from_millis(125), "{delay:?}");
         }
         assert!(reconnect_delay(0) <= Duration::from_millis(250));
+    }
+
+    fn position(offset: u64, recovered: bool) -> InboxPosition {
+        InboxPosition {
+            epoch: "e1".into(),
+            offset,
+            recovered,
+        }
+    }
+
+    #[test]
+    fn the_inbox_position_moves_with_pushes_and_drops_repeats() {
+        let mut inbox = Inbox::default();
+        assert!(inbox.on_login(None, &position(7, true)));
+        // Nothing handed out yet: the next login lets the server say where we are.
+        assert_eq!(inbox.since(), None);
+        assert!(inbox.on_push(Some(6)));
+        assert!(inbox.on_push(Some(7)));
+        assert!(
+            !inbox.on_push(Some(7)),
+            "a repeated push is handed out twice"
+        );
+        assert!(!inbox.on_push(Some(5)));
+        assert!(inbox.on_push(None), "a push without an offset is dropped");
+        assert_eq!(
+            inbox.since(),
+            Some(Since {
+                offset: 7,
+                epoch: "e1".into()
+            })
+        );
+    }
+
+    #[test]
+    fn a_recovered_login_keeps_the_position_until_the_missed_pushes_come() {
+        let mut inbox = Inbox::default();
+        inbox.on_login(None, &position(3, true));
+        inbox.on_push(Some(3));
+        let since = inbox.since();
+        assert!(inbox.on_login(since.as_ref(), &position(9, true)));
+        assert_eq!(
+            inbox.last,
+            Some(3),
+            "the missed 4..=9 must still be handed out"
+        );
+        assert!(inbox.on_push(Some(4)));
+    }
+
+    #[test]
+    fn an_unrecovered_login_continues_after_the_reply_and_says_so() {
+        let mut inbox = Inbox::default();
+        inbox.on_login(None, &position(3, true));
+        inbox.on_push(Some(3));
+        let since = inbox.since();
+        let mut reply = position(40, false);
+        reply.epoch = "e2".into();
+        assert!(!inbox.on_login(since.as_ref(), &reply));
+        assert_eq!(
+            inbox.since(),
+            Some(Since {
+                offset: 40,
+                epoch: "e2".into()
+            })
+        );
+        assert!(!inbox.on_push(Some(40)));
+        assert!(inbox.on_push(Some(41)));
     }
 }

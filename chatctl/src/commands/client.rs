@@ -276,7 +276,10 @@ pub async fn subscribe(args: SubscribeArgs) -> anyhow::Result<ExitCode> {
         match &event {
             Event::Message(_) => seen += 1,
             Event::Presence(_) if !args.presence => continue,
-            Event::Disconnected { .. } | Event::Reconnected { .. } | Event::Gap { .. } => {
+            Event::Disconnected { .. }
+            | Event::Reconnected { .. }
+            | Event::Gap { .. }
+            | Event::InboxNotRecovered => {
                 eprintln!("{}", format::event(&event, &session.user));
                 continue;
             }

@@ -7,6 +7,11 @@
 //! `[minReplicas, maxReplicas]`. Scale-up is immediate; scale-down follows the largest
 //! recommendation of the stabilization window, as a HorizontalPodAutoscaler does, so a short
 //! dip in the lag does not stop workers that are about to be needed again.
+//!
+//! A worker migrates the PostgreSQL schema before it creates the consumer groups, and the
+//! gateways cannot publish before the schema exists (they reserve offset blocks in its
+//! `offset_blocks` table). So until the `persist` group is on every shard, at least one worker
+//! runs, whatever `minReplicas` says: a `minReplicas: 0` cluster is never left without a schema.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -20,6 +25,26 @@ use crate::error::{Error, Result};
 
 /// How long one lag read may take before it counts as failed.
 const READ_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// What the operator reads from a cluster's Redis each round.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Backlog {
+    /// Persistence-stream entries the workers have not read yet, over every shard.
+    pub lag: i64,
+    /// The workers' consumer group is on every shard: a worker has migrated the schema and
+    /// created the groups, so the gateways can publish.
+    pub prepared: bool,
+}
+
+/// The fewest workers to run: `min`, but at least one until the workers have `prepared` the
+/// database and Redis (never more than `max`).
+pub fn worker_floor(min: i32, max: i32, prepared: bool) -> i32 {
+    if prepared {
+        min
+    } else {
+        min.max(1).min(max.max(min))
+    }
+}
 
 /// Workers wanted for `lag` unread entries.
 pub fn replicas_for_lag(lag: i64, target_per_replica: i64, min: i32, max: i32) -> i32 {
@@ -87,13 +112,14 @@ impl Stabilizer {
 /// Where the operator reads the lag from; Redis in production, a fixed value in tests.
 pub trait LagSource: Send + Sync {
     /// Total lag of the `persist` group over `shards` shards of the Redis at `url`
-    /// (`redis://` or `rediss://`), trusting the PEM CA `ca` when given.
+    /// (`redis://` or `rediss://`), trusting the PEM CA `ca` when given, and whether the group
+    /// is on every shard.
     fn total_lag<'a>(
         &'a self,
         url: &'a str,
         ca: Option<&'a str>,
         shards: i32,
-    ) -> BoxFuture<'a, Result<i64>>;
+    ) -> BoxFuture<'a, Result<Backlog>>;
 }
 
 /// Reads the lag with `XINFO GROUPS` over a fresh connection per read.
@@ -106,7 +132,7 @@ impl LagSource for RedisLag {
         url: &'a str,
         ca: Option<&'a str>,
         shards: i32,
-    ) -> BoxFuture<'a, Result<i64>> {
+    ) -> BoxFuture<'a, Result<Backlog>> {
         Box::pin(async move {
             match tokio::time::timeout(READ_TIMEOUT, read_lag(url, ca, shards)).await {
                 Ok(result) => result.map_err(Error::Redis),
@@ -133,10 +159,11 @@ fn client(url: &str, ca: Option<&str>) -> redis::RedisResult<redis::Client> {
     }
 }
 
-async fn read_lag(url: &str, ca: Option<&str>, shards: i32) -> redis::RedisResult<i64> {
+async fn read_lag(url: &str, ca: Option<&str>, shards: i32) -> redis::RedisResult<Backlog> {
     let client = client(url, ca)?;
     let mut connection = client.get_multiplexed_async_connection().await?;
     let mut total = 0_i64;
+    let mut prepared = true;
     for key in persist_keys(u32::try_from(shards).unwrap_or(0)) {
         let reply: redis::RedisResult<StreamInfoGroupsReply> = connection.xinfo_groups(&key).await;
         let groups = match reply {
@@ -146,15 +173,14 @@ async fn read_lag(url: &str, ca: Option<&str>, shards: i32) -> redis::RedisResul
                 if error.kind()
                     == redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError) =>
             {
+                prepared = false;
                 continue;
             }
             Err(error) => return Err(error),
         };
-        let lag = match groups
-            .iter()
-            .find(|g| g.name == PERSIST_GROUP)
-            .and_then(|g| g.lag)
-        {
+        let group = groups.iter().find(|g| g.name == PERSIST_GROUP);
+        prepared &= group.is_some();
+        let lag = match group.and_then(|g| g.lag) {
             Some(lag) => lag,
             // No group yet (no worker has started) or a lag Redis cannot tell: the workers
             // delete what they acknowledge, so the stream's length is the backlog.
@@ -162,7 +188,10 @@ async fn read_lag(url: &str, ca: Option<&str>, shards: i32) -> redis::RedisResul
         };
         total = total.saturating_add(i64::try_from(lag).unwrap_or(i64::MAX));
     }
-    Ok(total)
+    Ok(Backlog {
+        lag: total,
+        prepared,
+    })
 }
 
 #[cfg(test)]
@@ -181,6 +210,15 @@ mod tests {
         assert_eq!(replicas_for_lag(1_000_000, 5000, 1, 8), 8);
         assert_eq!(replicas_for_lag(0, 5000, 0, 8), 0);
         assert_eq!(replicas_for_lag(i64::MAX, 1, 1, 8), 8);
+    }
+
+    #[test]
+    fn one_worker_runs_until_the_workers_prepared_the_database() {
+        assert_eq!(worker_floor(0, 8, false), 1, "someone must migrate");
+        assert_eq!(worker_floor(0, 8, true), 0);
+        assert_eq!(worker_floor(3, 8, false), 3);
+        assert_eq!(worker_floor(3, 8, true), 3);
+        assert_eq!(worker_floor(0, 0, false), 0, "never above max");
     }
 
     #[test]
@@ -278,12 +316,19 @@ mod tests {
 
         assert_eq!(
             RedisLag.total_lag(&server.url(), None, 4).await.unwrap(),
-            3 + 3 + 4
+            Backlog {
+                lag: 3 + 3 + 4,
+                prepared: false
+            },
+            "shards 2 and 3 have no group: no worker has prepared them"
         );
         assert_eq!(
-            RedisLag.total_lag(&server.url(), None, 1).await.unwrap(),
-            3,
-            "only shard 0"
+            RedisLag.total_lag(&server.url(), None, 2).await.unwrap(),
+            Backlog {
+                lag: 3 + 3,
+                prepared: true
+            },
+            "only shards 0 and 1, both with the group"
         );
     }
 
@@ -309,7 +354,14 @@ mod tests {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        assert_eq!(lag.unwrap(), 0, "no stream yet: nothing to read");
+        assert_eq!(
+            lag.unwrap(),
+            Backlog {
+                lag: 0,
+                prepared: false
+            },
+            "no stream yet: nothing to read, no worker has started"
+        );
         let untrusted = RedisLag.total_lag(&url, None, 4).await;
         assert!(
             untrusted.is_err(),

@@ -219,7 +219,9 @@ pub enum ServiceType {
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("self.minReplicas <= self.maxReplicas").message("worker.minReplicas must not be greater than worker.maxReplicas"))]
 pub struct WorkerSpec {
-    /// Fewest worker pods the autoscaler keeps.
+    /// Fewest worker pods the autoscaler keeps. With 0, one worker still runs until the workers
+    /// have migrated the schema (and created their Redis consumer groups): the gateways cannot
+    /// publish before.
     #[serde(default = "one")]
     #[schemars(range(min = 0, max = 1000))]
     pub min_replicas: i32,

@@ -5,6 +5,9 @@
 //! only after a backoff (5 s doubling to 1 min) instead of on every reconcile, the warning is
 //! logged once when reading starts failing, and the status says it once (condition
 //! `ScalingActive=False`, reason `LagUnavailable`) until a read succeeds.
+//!
+//! Until a read has shown the workers' consumer groups on every shard (a worker has migrated
+//! the schema the gateways publish into), at least one worker runs even with `minReplicas: 0`.
 
 use std::time::{Duration, Instant};
 
@@ -37,6 +40,8 @@ pub(crate) struct ScaleState {
     next_read: Instant,
     /// Why the last read failed.
     last_error: Option<String>,
+    /// The last successful read found the workers' consumer group on every shard.
+    prepared: bool,
 }
 
 impl ScaleState {
@@ -46,6 +51,7 @@ impl ScaleState {
             failures: 0,
             next_read: now,
             last_error: None,
+            prepared: false,
         }
     }
 }
@@ -92,13 +98,26 @@ pub(crate) async fn read_lag(
     let mut states = lock(&ctx.scaling);
     let state = states.entry(key).or_insert_with(|| ScaleState::new(now));
     match result {
-        Ok(lag) => {
+        Ok(backlog) => {
+            let lag = backlog.lag;
             if state.failures > 0 {
                 info!(lag, "persistence lag readable again");
+            }
+            if backlog.prepared != state.prepared {
+                info!(
+                    prepared = backlog.prepared,
+                    "workers' consumer groups (created after the schema migrations) {}",
+                    if backlog.prepared {
+                        "found on every shard"
+                    } else {
+                        "missing"
+                    }
+                );
             }
             state.failures = 0;
             state.last_error = None;
             state.next_read = now;
+            state.prepared = backlog.prepared;
             Lag::Known(lag)
         }
         Err(error) => {
@@ -118,7 +137,8 @@ pub(crate) async fn read_lag(
 }
 
 /// Worker replicas for this round: from the lag when known, else the current count, always
-/// within the spec's bounds.
+/// within the spec's bounds, and at least one until a read has shown the workers prepared
+/// the database and Redis ([`autoscale::worker_floor`]).
 pub(crate) fn scale_workers(
     ctx: &Context,
     cluster: &ChatCluster,
@@ -126,23 +146,20 @@ pub(crate) fn scale_workers(
     lag: Option<i64>,
 ) -> i32 {
     let worker = &cluster.spec.worker;
-    let bounded = |replicas: i32| replicas.clamp(worker.min_replicas, worker.max_replicas);
-    let Some(lag) = lag else {
-        return bounded(current);
-    };
-    let recommended = autoscale::replicas_for_lag(
-        lag,
-        worker.target_lag_per_replica,
-        worker.min_replicas,
-        worker.max_replicas,
-    );
-    let window =
-        Duration::from_secs(u64::try_from(worker.scale_down_stabilization_seconds).unwrap_or(0));
     let now = Instant::now();
     let mut states = lock(&ctx.scaling);
     let state = states
         .entry(ObjectRef::from_obj(cluster))
         .or_insert_with(|| ScaleState::new(now));
+    let min = autoscale::worker_floor(worker.min_replicas, worker.max_replicas, state.prepared);
+    let bounded = |replicas: i32| replicas.clamp(min, worker.max_replicas.max(min));
+    let Some(lag) = lag else {
+        return bounded(current);
+    };
+    let recommended =
+        autoscale::replicas_for_lag(lag, worker.target_lag_per_replica, min, worker.max_replicas);
+    let window =
+        Duration::from_secs(u64::try_from(worker.scale_down_stabilization_seconds).unwrap_or(0));
     bounded(
         state
             .stabilizer

@@ -44,7 +44,12 @@ impl CallKind for Call {
 }
 
 /// A lag source returning a fixed value, or failing like an unreachable Redis; counts reads.
-struct FixedLag(Option<i64>, std::sync::atomic::AtomicUsize);
+/// The third field says whether the workers' consumer groups are there (prepared).
+struct FixedLag(
+    Option<i64>,
+    std::sync::atomic::AtomicUsize,
+    std::sync::atomic::AtomicBool,
+);
 
 impl LagSource for FixedLag {
     fn total_lag<'a>(
@@ -52,14 +57,18 @@ impl LagSource for FixedLag {
         _url: &'a str,
         _ca: Option<&'a str>,
         _shards: i32,
-    ) -> BoxFuture<'a, Result<i64>> {
+    ) -> BoxFuture<'a, Result<autoscale::Backlog>> {
         self.1.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let result = self.0.ok_or_else(|| {
-            Error::Redis(redis::RedisError::from((
-                redis::ErrorKind::Io,
-                "connection refused",
-            )))
-        });
+        let prepared = self.2.load(std::sync::atomic::Ordering::Relaxed);
+        let result = self
+            .0
+            .map(|lag| autoscale::Backlog { lag, prepared })
+            .ok_or_else(|| {
+                Error::Redis(redis::RedisError::from((
+                    redis::ErrorKind::Io,
+                    "connection refused",
+                )))
+            });
         Box::pin(async move { result })
     }
 }
@@ -181,7 +190,11 @@ fn harness(lag: Option<i64>, objects: Objects, fail: Option<&'static str>) -> Ha
         controller: "chatcluster-operator".to_owned(),
         instance: None,
     };
-    let lag = Arc::new(FixedLag(lag, Default::default()));
+    let lag = Arc::new(FixedLag(
+        lag,
+        Default::default(),
+        std::sync::atomic::AtomicBool::new(true),
+    ));
     let ctx = Context::new(
         client,
         reporter,
@@ -449,6 +462,58 @@ async fn lag_scales_workers_up_with_an_event() {
         (status.worker.replicas, status.worker.lag),
         (3, Some(12_000))
     );
+}
+
+#[tokio::test]
+async fn one_worker_runs_until_the_workers_prepared_the_database() {
+    let objects = Objects::from([(
+        POSTGRES_SECRET_PATH.to_owned(),
+        postgres_secret_object("pw"),
+    )]);
+    let mut harness = harness(Some(0), objects, None);
+    harness
+        .lag
+        .2
+        .store(false, std::sync::atomic::Ordering::Relaxed);
+    let chat = cluster(json!({"worker": {"minReplicas": 0, "maxReplicas": 2,
+                                          "scaleDownStabilizationSeconds": 0}}));
+    harness
+        .writers
+        .observe_all(&built(&chat, &inputs_with(0, "pw")));
+
+    // No consumer groups: no worker has migrated the schema the gateways publish into.
+    let (result, calls) = harness.reconcile(&chat).await;
+    assert!(result.is_ok(), "{result:?}");
+    assert_eq!(applied_kinds(&calls), ["Deployment/demo-worker"]);
+    let worker = calls
+        .iter()
+        .find(|c| c.path.contains("/deployments/demo-worker"))
+        .unwrap();
+    assert_eq!(worker.body["spec"]["replicas"], 1);
+    let status = status_patch(&calls);
+    assert_eq!(status.worker.replicas, 1);
+    let ready = status::find(&status, status::READY).unwrap();
+    assert_eq!(
+        ready.status, "False",
+        "no worker has prepared the database yet"
+    );
+
+    // The worker created the groups (after migrating): minReplicas 0 applies.
+    harness
+        .lag
+        .2
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    harness
+        .writers
+        .observe_all(&built(&chat, &inputs_with(1, "pw")));
+    let (result, calls) = harness.reconcile(&chat).await;
+    assert!(result.is_ok(), "{result:?}");
+    let worker = calls
+        .iter()
+        .find(|c| c.path.contains("/deployments/demo-worker"))
+        .unwrap();
+    assert_eq!(worker.body["spec"]["replicas"], 0);
+    assert_eq!(status_patch(&calls).worker.replicas, 0);
 }
 
 #[tokio::test]

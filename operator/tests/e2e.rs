@@ -851,33 +851,38 @@ where
         env!("CARGO_MANIFEST_DIR")
     );
     let watch = format!("watchNamespace={namespace}");
-    run(
-        &tool("HELM", "helm"),
-        &[
-            "install",
-            &release,
-            &chart,
-            "--namespace",
-            &operator_namespace,
-            "--set",
-            "replicas=1",
-            "--set",
-            &watch,
-            "--set",
-            "resyncSeconds=2",
-            "--set",
-            "logJson=false",
-            "--wait",
-            "--timeout",
-            "3m",
-        ],
-    )
-    .await;
     let env = Env {
         client: client.clone(),
         namespace: namespace.clone(),
     };
-    let outcome = AssertUnwindSafe(test(env)).catch_unwind().await;
+    // The install too: a failed one (a conflicting CRD, a pod that never gets ready) still
+    // removes the namespaces below.
+    let install_and_test = async {
+        run(
+            &tool("HELM", "helm"),
+            &[
+                "install",
+                &release,
+                &chart,
+                "--namespace",
+                &operator_namespace,
+                "--set",
+                "replicas=1",
+                "--set",
+                &watch,
+                "--set",
+                "resyncSeconds=2",
+                "--set",
+                "logJson=false",
+                "--wait",
+                "--timeout",
+                "3m",
+            ],
+        )
+        .await;
+        test(env).await;
+    };
+    let outcome = AssertUnwindSafe(install_and_test).catch_unwind().await;
     if outcome.is_err() {
         let logs = tokio::process::Command::new(tool("KUBECTL", "kubectl"))
             .args([

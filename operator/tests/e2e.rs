@@ -1156,6 +1156,21 @@ async fn chart_installed_operator_scales_workers_under_a_backlog() {
             })
             .await;
         assert_eq!(ready.status.expect("status").worker.replicas, 0);
+        // Until its pod is gone the first worker may still read what is published next.
+        let pods = env.api::<k8s_openapi::api::core::v1::Pod>();
+        eventually("the first worker's pod is gone", || {
+            let pods = pods.clone();
+            async move {
+                let selector =
+                    "app.kubernetes.io/instance=backlog,app.kubernetes.io/component=worker";
+                let list = pods
+                    .list(&ListParams::default().labels(selector))
+                    .await
+                    .ok()?;
+                list.items.is_empty().then_some(())
+            }
+        })
+        .await;
 
         let forward = env.forward_gateway("backlog").await;
         let mut alice = ChatClient::connect(forward.port).await;

@@ -179,7 +179,8 @@ const SENT_MEMORY: usize = 256;
 #[derive(Debug)]
 struct Output {
     queue: mpsc::Sender<String>,
-    thread: std::thread::JoinHandle<()>,
+    /// Completes when the printing thread has printed every line and the queue is closed.
+    printed: oneshot::Receiver<()>,
 }
 
 /// How long [`Output::finish`] waits for the queued lines to be printed.
@@ -188,7 +189,8 @@ const PRINT_DRAIN: Duration = Duration::from_secs(2);
 impl Output {
     fn start(printer: Option<Box<dyn rustyline::ExternalPrinter + Send>>) -> Self {
         let (queue, mut rx) = mpsc::channel::<String>(1024);
-        let thread = std::thread::spawn(move || {
+        let (done, printed) = oneshot::channel();
+        std::thread::spawn(move || {
             let mut printer = printer;
             while let Some(mut line) = rx.blocking_recv() {
                 line.push('\n');
@@ -202,8 +204,9 @@ impl Output {
                     let _ = out.flush();
                 }
             }
+            let _ = done.send(());
         });
-        Self { queue, thread }
+        Self { queue, printed }
     }
 
     async fn line(&self, text: impl Into<String>) {
@@ -214,10 +217,9 @@ impl Output {
     /// exits right after, which would cut off the answer to the last command before a quit
     /// (`/who` then `/quit` piped in).
     async fn finish(self) {
-        let Self { queue, thread } = self;
+        let Self { queue, printed } = self;
         drop(queue);
-        let joined = tokio::task::spawn_blocking(move || thread.join());
-        if tokio::time::timeout(PRINT_DRAIN, joined).await.is_err() {
+        if tokio::time::timeout(PRINT_DRAIN, printed).await.is_err() {
             tracing::debug!("output still printing at exit");
         }
     }

@@ -363,8 +363,11 @@ async function main() {
     await check('graceful restart (SIGTERM, close 1001) of the other gateway: both recover', async () => {
       const name = aliceGateway === 'gateway-0' ? 'gateway-1' : 'gateway-0';
       const gw = child(name);
-      const closes = bob.evaluate(() => new Promise((r) => window.__chatcluster.ws.addEventListener('close', (e) => r(e.code))));
+      await bob.waitForSelector('#conn[data-state=online]', { timeout: 5000 });
+      // as above: the listener is in place before the signal
+      await bob.evaluate(() => { const ws = window.__chatcluster.ws; window.__closed = new Promise((r) => ws.addEventListener('close', (e) => r(e.code))); });
       process.kill(gw.pid, 'SIGTERM');
+      const closes = bob.evaluate(() => window.__closed);
       const code = await Promise.race([closes, sleep(10000).then(() => 'none')]);
       await snap(bob, 'graceful-restart-bob');
       await waitReady(name, gw.restarts + 1, 15000);

@@ -396,9 +396,9 @@ mod tests {
                     limit
                 }
             ),
-            (any::<Option<u64>>(), any::<Option<u32>>())
+            (proptest::option::of(0..=MAX), any::<Option<u32>>())
                 .prop_map(|(before, limit)| Op::Conversations { before, limit }),
-            (name(), any::<Option<u64>>(), any::<Option<u32>>()).prop_map(
+            (name(), proptest::option::of(0..=MAX), any::<Option<u32>>()).prop_map(
                 |(with, before, limit)| Op::DmHistory {
                     with,
                     before,

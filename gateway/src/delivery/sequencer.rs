@@ -477,6 +477,11 @@ impl Sequencer {
         if let Some(index) = self.joining.iter().position(|j| j.fetch == id) {
             let joining = self.joining.swap_remove(index);
             self.recovered(joining, result, effects);
+            if self.joining.is_empty() {
+                // Most sequencers (a user's inbox) are joined once, then idle
+                // for hours: give back what the join needed.
+                self.joining = Vec::new();
+            }
         }
     }
 
@@ -700,6 +705,10 @@ impl Sequencer {
             offset: floor,
             recovered,
         }));
+        if self.members.len() == self.members.capacity() {
+            // Grow from one member (an inbox usually has one), not four.
+            self.members.reserve_exact(self.members.len().max(1));
+        }
         self.members.push(Member {
             outbox,
             presence,
